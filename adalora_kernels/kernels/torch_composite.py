@@ -1,0 +1,78 @@
+"""The torch composite backend: ATen GEMMs accumulating in place, dropout from a seeded torch generator.
+
+Runs on any device; it is what the CPU uses when the native extension is not built.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    return None
+
+
+def _bernoulli(shape, dropout_p: float, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # the draws do not depend on dtype, so the mask is the same whichever dtype it is drawn in
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - dropout_p, generator=gen)
+
+
+def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> Tensor:
+    return _bernoulli(shape, dropout_p, seed, device, torch.float32).bool()
+
+
+def _scaled_keep(x2: Tensor, dropout_p: float, seed: int) -> Tensor | None:
+    """``keep / (1 - p)`` in x's dtype, or ``None`` without dropout."""
+    if dropout_p == 0.0:
+        return None
+    return _bernoulli(x2.shape, dropout_p, seed, x2.device, x2.dtype).mul_(1.0 / (1.0 - dropout_p))
+
+
+def linear_forward(
+    x2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    P: Tensor,
+    lam_eff: Tensor,
+    Q: Tensor,
+    dropout_p: float,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    scale = _scaled_keep(x2, dropout_p, seed)
+    t = (x2 if scale is None else x2 * scale) @ Q.T
+    y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
+    y.addmm_(t * lam_eff, P.T)
+    return y, t
+
+
+def linear_backward(
+    g2: Tensor,
+    x2: Tensor,
+    weight: Tensor,
+    P: Tensor,
+    lam_eff: Tensor,
+    Q: Tensor,
+    t: Tensor,
+    dropout_p: float,
+    seed: int,
+    need_dx: bool,
+    need_adapter: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    dt = g2 @ P
+    u = dt * lam_eff
+    scale = _scaled_keep(x2, dropout_p, seed)
+    dx = dP = dlam = dQ = None
+    if need_dx:
+        dx = g2 @ weight
+        if scale is None:
+            dx.addmm_(u, Q)
+        else:
+            dx.add_((u @ Q).mul_(scale))
+    if need_adapter:
+        dP = g2.T @ (t * lam_eff)
+        dlam = (dt * t).sum(0)
+        dQ = u.T @ (x2 if scale is None else x2 * scale)
+    return dx, dP, dlam, dQ

@@ -1,0 +1,2 @@
+def unavailable_reason(device):
+    return "not built yet"

@@ -1,0 +1,133 @@
+"""``AdaLoRALinear``: a drop-in ``nn.Linear`` with a frozen base and PEFT's SVD-shaped adapter."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import adalora_linear
+from ..reference import effective_lam, peft_scaling
+
+
+class AdaLoRALinear(nn.Module):
+    """``y = x Wᵀ + b + s · ((drop(x) Qᵀ) ⊙ (λ ⊙ m)) Pᵀ`` with W and b frozen (PEFT's ``SVDLinear``).
+
+    ``P`` (out, r) is PEFT's ``lora_B``, ``lam`` (r,) its ``lora_E``, ``Q`` (r, in) its ``lora_A``;
+    ``rank_mask`` (r,) is the rank pattern the allocator froze (all true until then).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        init_r: int = 12,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        device=None,
+        dtype=None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
+        nn.Linear.reset_parameters(self)  # nn.Linear's own initialisation of weight and bias
+        self._init_adapter(init_r, lora_alpha, lora_dropout, backend)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        init_r: int = 12,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        backend: str | None = None,
+    ) -> AdaLoRALinear:
+        """Wrap ``linear``: its weight and bias are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight.requires_grad_(False)
+        layer.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
+        layer._init_adapter(init_r, lora_alpha, lora_dropout, backend)
+        return layer
+
+    def _init_adapter(self, init_r: int, lora_alpha: float, lora_dropout: float, backend: str | None) -> None:
+        if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r < 0:
+            raise ValueError(f"init_r: expected an int >= 0, got {init_r!r}")
+        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: expected a float in [0, 1), got {lora_dropout!r}")
+        self.init_r, self.lora_alpha, self.lora_dropout = init_r, lora_alpha, float(lora_dropout)
+        self.scaling = peft_scaling(init_r, lora_alpha)
+        self.backend = backend
+        self.merged = False
+        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.P = nn.Parameter(torch.empty(self.out_features, init_r, **kw))
+        self.lam = nn.Parameter(torch.empty(init_r, **kw))
+        self.Q = nn.Parameter(torch.empty(init_r, self.in_features, **kw))
+        self.register_buffer("rank_mask", torch.ones(init_r, dtype=torch.bool, device=self.weight.device))
+        self.reset_adapter()
+
+    def reset_adapter(self) -> None:
+        """PEFT's initialisation: ``lam`` zeros, ``P`` and ``Q`` ~ N(0, 0.02); all ranks kept."""
+        with torch.no_grad():
+            nn.init.zeros_(self.lam)
+            nn.init.normal_(self.Q, mean=0.0, std=0.02)
+            nn.init.normal_(self.P, mean=0.0, std=0.02)
+            self.rank_mask.fill_(True)
+
+    @property
+    def r(self) -> int:
+        return self.init_r
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return adalora_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.P,
+            self.lam,
+            self.Q,
+            scaling=self.scaling,
+            rank_mask=self.rank_mask,
+            dropout_p=self.lora_dropout,
+            training=self.training,
+            backend=self.backend,
+        )
+
+    def delta_weight(self) -> Tensor:
+        """The adapter as a dense ``(out, in)`` matrix: ``s · P diag(λ ⊙ m) Q``."""
+        return self.P @ (effective_lam(self.lam, self.rank_mask, self.scaling)[:, None] * self.Q)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the adapter into the (shared) base weight; forward then runs the base layer alone."""
+        if self.merged:
+            raise RuntimeError("AdaLoRALinear.merge: the adapter is already merged")
+        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the adapter from the base weight again."""
+        if not self.merged:
+            raise RuntimeError("AdaLoRALinear.unmerge: the adapter is not merged")
+        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, "
+            f"init_r={self.init_r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+            f"scaling={self.scaling:.6g}, merged={self.merged}, backend={self.backend or 'auto'}"
+        )

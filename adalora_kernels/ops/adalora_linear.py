@@ -1,0 +1,199 @@
+"""The ``adalora_kernels::linear_fwd`` / ``linear_bwd`` custom ops, their autograd, and ``adalora_linear``.
+
+The ops take ``lam_eff = s · λ ⊙ m``, so their gradient with respect to it is ``Σ_rows (g P) ⊙ t`` and the
+scale and rank mask are chained by ordinary autograd. Saved for backward: x, the parameters, t (M×r) and a
+0-dim seed; the dropout mask is regenerated from the seed, never stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..kernels import get_backend
+from ..reference import effective_lam
+from .backend import resolve_backend
+
+_SEED_BOUND = 2**63
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("adalora_kernels::linear_fwd", mutates_args=())
+def linear_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    P: Tensor,
+    lam_eff: Tensor,
+    Q: Tensor,
+    dropout_p: float,
+    seed: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    x2 = x.reshape(-1, x.shape[-1])
+    kernels = get_backend(backend, x.device)
+    y2, t = kernels.linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, int(seed))
+    return y2.reshape(*x.shape[:-1], weight.shape[0]), t
+
+
+@linear_fwd.register_fake
+def _(x, weight, bias, P, lam_eff, Q, dropout_p, seed, backend):
+    rows = x.shape[:-1].numel()
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(rows, Q.shape[0])
+
+
+@torch.library.custom_op("adalora_kernels::linear_bwd", mutates_args=())
+def linear_bwd(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    P: Tensor,
+    lam_eff: Tensor,
+    Q: Tensor,
+    t: Tensor,
+    dropout_p: float,
+    seed: Tensor,
+    backend: str,
+    need_dx: bool,
+    need_adapter: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = grad.reshape(-1, weight.shape[0])
+    kernels = get_backend(backend, x.device)
+    dx, dP, dlam, dQ = kernels.linear_backward(
+        g2, x2, weight, P, lam_eff, Q, t, dropout_p, int(seed), need_dx, need_adapter
+    )
+    dx = dx.reshape(x.shape) if dx is not None else _empty(x)
+    return dx, *(v if v is not None else _empty(x) for v in (dP, dlam, dQ))
+
+
+@linear_bwd.register_fake
+def _(grad, x, weight, P, lam_eff, Q, t, dropout_p, seed, backend, need_dx, need_adapter):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else _empty(x)
+    if not need_adapter:
+        return dx, _empty(x), _empty(x), _empty(x)
+    return dx, torch.empty_like(P), torch.empty_like(lam_eff), torch.empty_like(Q)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, P, lam_eff, Q, dropout_p, seed, backend = inputs
+    ctx.save_for_backward(x, weight, P, lam_eff, Q, output[1], seed)
+    ctx.dropout_p, ctx.backend = dropout_p, backend
+
+
+def _backward(ctx, grad_y, _grad_t):
+    x, weight, P, lam_eff, Q, t, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dx, need_adapter = need[0], need[3] or need[4] or need[5]
+    dx = dW = db = dP = dlam = dQ = None
+    if need_dx or need_adapter:
+        dx, dP, dlam, dQ = linear_bwd(
+            grad_y, x, weight, P, lam_eff, Q, t, ctx.dropout_p, seed, ctx.backend, need_dx, need_adapter
+        )
+        dx = dx if need_dx else None
+        dP, dlam, dQ = (v if n else None for v, n in zip((dP, dlam, dQ), need[3:6]))
+    if need[1]:  # a base weight the user chose to train: a plain GEMM, outside the fused kernels
+        dW = grad_y.reshape(-1, weight.shape[0]).T @ x.reshape(-1, x.shape[-1])
+    if need[2]:
+        db = grad_y.reshape(-1, weight.shape[0]).sum(0)
+    return dx, dW, db, dP, dlam, dQ, None, None, None
+
+
+linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling) -> None:
+    tensors = {"x": x, "weight": weight, "bias": bias, "P": P, "lam": lam, "Q": Q, "rank_mask": rank_mask}
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight: expected a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}"
+        )
+    out_f, in_f = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(
+            f"x: expected last dimension in_features={in_f} (from weight), got shape {tuple(x.shape)}"
+        )
+    if lam.dim() != 1:
+        raise ValueError(
+            f"lam: expected a 1-D (r,) tensor, got shape {tuple(lam.shape)} (PEFT's lora_E: use .view(-1))"
+        )
+    r = lam.shape[0]
+    expected = {"bias": (out_f,), "P": (out_f, r), "Q": (r, in_f), "rank_mask": (r,)}
+    for name, shape in expected.items():
+        value = tensors[name]
+        if value is not None and tuple(value.shape) != shape:
+            raise ValueError(
+                f"{name}: expected shape {shape} (out_features={out_f}, r={r} from lam, in_features={in_f}), "
+                f"got {tuple(value.shape)}"
+            )
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    for name, value in tensors.items():
+        if value is None or name == "x":
+            continue
+        if value.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {value.device}")
+        if name == "rank_mask":
+            if value.dtype != torch.bool:
+                raise TypeError(f"rank_mask: expected a torch.bool tensor, got {value.dtype}")
+        elif value.dtype != x.dtype:
+            raise TypeError(
+                f"{name}: expected dtype {x.dtype} (the dtype of x), got {value.dtype}; "
+                "adalora_linear does not cast, convert the inputs or the layer first"
+            )
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
+
+
+def _seed_tensor(seed: int | Tensor | None) -> Tensor:
+    if seed is None:
+        return torch.randint(0, 2**62, (), dtype=torch.int64)
+    if isinstance(seed, Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(
+                f"seed: expected an int or a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}"
+            )
+        return seed.reshape(()).cpu()
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_BOUND:
+        raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def adalora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    P: Tensor,
+    lam: Tensor,
+    Q: Tensor,
+    *,
+    scaling: float,
+    rank_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | Tensor | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """``y = x Wᵀ + b + s · ((drop(x) Qᵀ) ⊙ (λ ⊙ m)) Pᵀ`` with the adapter fused into the base layer.
+
+    Shapes: x ``(..., in)``, weight ``(out, in)``, P ``(out, r)``, lam ``(r,)``, Q ``(r, in)``,
+    all of one dtype and device (nothing is cast). Dropout (training only) is inverted dropout on the adapter
+    input, its mask drawn from ``seed`` (from torch's generator when ``None``) and regenerated in backward.
+    ``backend``: ``None``/``"auto"``, ``"torch"``, ``"triton"`` or ``"csrc"``.
+    """
+    _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling)
+    p = float(dropout_p) if training else 0.0
+    seed_t = _seed_tensor(seed) if (p > 0.0 or seed is not None) else torch.zeros((), dtype=torch.int64)
+    name = resolve_backend(backend, x.device)
+    lam_eff = effective_lam(lam, rank_mask, float(scaling))
+    return linear_fwd(x, weight, bias, P, lam_eff, Q, p, seed_t, name)[0]

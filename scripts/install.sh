@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs adalora_kernels (editable) with the given extras, e.g. `bash scripts/install.sh test`.
+# Where no torch is installed yet, the CPU build is installed first so that a CPU-only machine never
+# pulls a multi-GB CUDA build of torch; an existing torch (CUDA or not) is left as it is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip --version >/dev/null
+if ! python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    python -m pip install -q "torch>=2.4"
+  else
+    python -m pip install -q torch==2.13.0
+  fi
+fi
+extras="${1:-}"
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+python -m pip install -q -e "$spec"

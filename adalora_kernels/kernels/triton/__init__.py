@@ -1,2 +1,21 @@
-def unavailable_reason(device):
-    return "not built yet"
+"""The Triton backend: the default on CUDA/ROCm GPUs; on the CPU only through ``TRITON_INTERPRET=1``."""
+
+from __future__ import annotations
+
+import torch
+
+from .adalora_linear import dropout_keep_mask, linear_backward, linear_forward
+from .config import INTERPRET
+
+__all__ = ["dropout_keep_mask", "linear_backward", "linear_forward", "unavailable_reason"]
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and INTERPRET:
+        return None
+    return (
+        f"Triton kernels run on CUDA/ROCm GPUs, not on {device.type} "
+        "(TRITON_INTERPRET=1, set before import, runs them on the CPU through the interpreter)"
+    )

@@ -1,0 +1,133 @@
+"""Triton-specific checks: the kernels really run, the dropout mask is tile-independent, r up to 128,
+int64 offsets, and the GPU tier (bf16, autotuning)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from adalora_kernels.kernels import unavailable_reason
+
+if unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+    pytest.skip("Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)", allow_module_level=True)
+
+from helpers import DEVICE, keep_mask, make_inputs, max_err
+
+import adalora_kernels as ak
+from adalora_kernels.kernels.triton import adalora_linear as kmod
+from adalora_kernels.reference import adalora_linear_backward_ref, adalora_linear_ref
+
+S = 0.5
+
+
+class _Spy:
+    def __init__(self, kernel, calls, name):
+        self.kernel, self.calls, self.name = kernel, calls, name
+
+    def __getitem__(self, grid):
+        self.calls.append(self.name)
+        return self.kernel[grid]
+
+
+def test_kernels_really_run(monkeypatch):
+    calls = []
+    for name in [
+        "_shrink_fwd_kernel",
+        "_fused_fwd_kernel",
+        "_dt_dp_bwd_kernel",
+        "_fused_dx_bwd_kernel",
+        "_dq_bwd_kernel",
+    ]:
+        monkeypatch.setattr(kmod, name, _Spy(getattr(kmod, name), calls, name))
+    x, w, b, P, lam, Q, m = make_inputs((20,), 40, 24, 4, torch.float32, mask=True)
+    leaves = [v.requires_grad_() for v in (x, P, lam, Q)]
+    y = ak.adalora_linear(x, w, b, P, lam, Q, scaling=S, rank_mask=m, dropout_p=0.2, seed=3, backend="triton")
+    y.sum().backward()
+    assert calls == [
+        "_shrink_fwd_kernel",
+        "_fused_fwd_kernel",
+        "_dt_dp_bwd_kernel",
+        "_fused_dx_bwd_kernel",
+        "_dq_bwd_kernel",
+    ]
+    assert all(v.grad is not None for v in leaves)
+
+
+def test_dropout_mask_does_not_depend_on_tiles():
+    import triton
+
+    M, K, seed, p = 70, 136, 99, 0.4
+    masks = []
+    for bm, bk in [(16, 16), (32, 64), (64, 8)]:
+        out = torch.empty(M, K, dtype=torch.int8, device=DEVICE)
+        kmod._keep_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+            out, M, K, seed, p, BLOCK_M=bm, BLOCK_K=bk
+        )
+        masks.append(out)
+    assert all(torch.equal(masks[0], m) for m in masks[1:])
+    assert 0.55 < masks[0].float().mean().item() < 0.65
+    other = keep_mask("triton", (M, K), p, seed + 1)
+    assert not torch.equal(masks[0].bool(), other)
+
+
+def test_dropout_rows_and_columns_are_independent():
+    keep = keep_mask("triton", (256, 256), 0.5, 1).float()
+    assert keep.mean(0).std() < 0.06 and keep.mean(1).std() < 0.06  # no striping by row or column
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 4])
+
+
+@pytest.mark.parametrize("r", [1, 17, 64, 128])
+def test_ranks_up_to_128(r):
+    x, w, b, P, lam, Q, m = make_inputs((33,), 48, 40, r, torch.float64, mask=True)
+    keep = keep_mask("triton", (33, 48), 0.1, 4)
+    leaves = [v.requires_grad_() for v in (x, P, lam, Q)]
+    y = ak.adalora_linear(x, w, b, P, lam, Q, scaling=S, rank_mask=m, dropout_p=0.1, seed=4, backend="triton")
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+    torch.testing.assert_close(y, adalora_linear_ref(x, w, b, P, lam, Q, S, m, keep, 0.1))
+    for a, e in zip(grads, adalora_linear_backward_ref(g, x, w, P, lam, Q, S, m, keep, 0.1)):
+        torch.testing.assert_close(a, e)
+
+
+def test_int64_offsets():
+    """Rows more than 2**31 elements apart: offsets computed in int32 would wrap."""
+    rows, in_f, out_f, r = 3, 16, 16, 2
+    stride = 2**30 + 16
+    storage = torch.empty(stride * (rows - 1) + in_f, dtype=torch.float16, device=DEVICE)  # untouched pages
+    x = storage.as_strided((rows, in_f), (stride, 1))
+    x.copy_(torch.randn(rows, in_f, dtype=torch.float16))
+    _, w, b, P, lam, Q, _ = make_inputs((rows,), in_f, out_f, r, torch.float16)
+    y = ak.adalora_linear(x, w, b, P, lam, Q, scaling=S, backend="triton")
+    ref = adalora_linear_ref(x.clone(), w, b, P, lam, Q, S, upcast=True)
+    assert max_err(y, ref) < 1e-2
+    del storage, x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "lead,in_f,out_f,r", [((37,), 123, 431, 3), ((2, 512), 1024, 768, 16), ((4096,), 256, 512, 64)]
+)
+def test_bf16_on_gpu(lead, in_f, out_f, r, p):
+    x, w, b, P, lam, Q, m = make_inputs(lead, in_f, out_f, r, torch.bfloat16, mask=True)
+    keep = keep_mask("triton", (x.numel() // in_f, in_f), p, 8) if p else None
+    leaves = [v.requires_grad_() for v in (x, P, lam, Q)]
+    y = ak.adalora_linear(x, w, b, P, lam, Q, scaling=S, rank_mask=m, dropout_p=p, seed=8, backend="triton")
+    g = torch.randn_like(y)
+    outs = [y, *torch.autograd.grad(y, leaves, g)]
+    refs = [adalora_linear_ref(x, w, b, P, lam, Q, S, m, keep, p, upcast=True)]
+    refs += adalora_linear_backward_ref(g, x, w, P, lam, Q, S, m, keep, p, upcast=True)
+    plain = [adalora_linear_ref(x, w, b, P, lam, Q, S, m, keep, p)]
+    plain += adalora_linear_backward_ref(g, x, w, P, lam, Q, S, m, keep, p)
+    for name, o, ref, pl in zip(["y", "dx", "dP", "dlam", "dQ"], outs, refs, plain):
+        assert max_err(o, ref) <= 2 * max_err(pl, ref) + 1e-2 * ref.abs().max().item(), name
+
+
+@pytest.mark.gpu
+def test_autotuned_configs_agree_on_gpu(monkeypatch):
+    from adalora_kernels.kernels.triton.config import get_autotune_configs
+
+    assert len(get_autotune_configs()) > 1
+    x, w, b, P, lam, Q, m = make_inputs((1000,), 512, 384, 16, torch.float32, mask=True)
+    y = ak.adalora_linear(x, w, b, P, lam, Q, scaling=S, rank_mask=m, backend="triton")
+    ref = adalora_linear_ref(x, w, b, P, lam, Q, S, m, upcast=True)
+    assert max_err(y, ref) <= 1e-5 * ref.abs().max().item()

@@ -53,9 +53,7 @@ def build_variants(tokens, in_f, out_f, r, dtype, dropout, device, alpha=8.0):
         if reason is not None:
             variants[name] = reason
             continue
-        layer = AdaLoRALinear.from_linear(
-            linear, init_r=r, lora_alpha=alpha, lora_dropout=dropout, backend=name
-        )
+        layer = AdaLoRALinear.from_linear(linear, init_r=r, lora_alpha=alpha, lora_dropout=dropout, backend=name)
         variants[name] = layer
     for module in variants.values():
         if isinstance(module, nn.Module):
@@ -94,9 +92,7 @@ def time_interleaved(variants, x, grad, rounds, device, warmup=2):
 
 def _commit() -> str:
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -153,9 +149,7 @@ def bench(args) -> dict:
         table.add_column(col)
     for row in rows:
         if "ms" not in row:
-            table.add_row(
-                row["variant"], "", str(row["r"]), str(row["dropout"]), "—", row["unavailable"][:60], ""
-            )
+            table.add_row(row["variant"], "", str(row["r"]), str(row["dropout"]), "—", row["unavailable"][:60], "")
             continue
         table.add_row(
             row["variant"],
@@ -176,14 +170,10 @@ def bench(args) -> dict:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adalora-kernels", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser(
-        "bench", help="time fwd+bwd of nn.Linear, PEFT's SVDLinear and our backends, side by side"
-    )
+    b = sub.add_parser("bench", help="time fwd+bwd of nn.Linear, PEFT's SVDLinear and our backends, side by side")
     b.add_argument("--shape", default="2048,1024,1024", help="tokens,in,out (default: %(default)s)")
     b.add_argument("--rank", type=int, nargs="+", default=[12], help="adapter ranks (default: %(default)s)")
-    b.add_argument(
-        "--dropout", type=float, nargs="+", default=[0.0, 0.1], help="dropout rates (default: %(default)s)"
-    )
+    b.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1], help="dropout rates (default: %(default)s)")
     b.add_argument("--dtype", choices=list(DTYPES), default="float32")
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     b.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default: %(default)s)")

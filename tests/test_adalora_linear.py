@@ -19,9 +19,7 @@ S = 8 / (12 + 1e-5)
 
 
 def run(backend, x, w, b, P, lam, Q, m, p=0.0, seed=None):
-    return ak.adalora_linear(
-        x, w, b, P, lam, Q, scaling=S, rank_mask=m, dropout_p=p, seed=seed, backend=backend
-    )
+    return ak.adalora_linear(x, w, b, P, lam, Q, scaling=S, rank_mask=m, dropout_p=p, seed=seed, backend=backend)
 
 
 def check_against_reference(backend, dtype, lead, in_f, out_f, r, *, bias=True, mask=False, p=0.0, seed=123):
@@ -32,9 +30,7 @@ def check_against_reference(backend, dtype, lead, in_f, out_f, r, *, bias=True, 
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(y)
     grads = torch.autograd.grad(y, leaves, g)
     ref_y = adalora_linear_ref(x, w, b, P, lam, Q, S, m, keep, p, upcast=True)
-    ref_dx, ref_dP, ref_dlam, ref_dQ = adalora_linear_backward_ref(
-        g, x, w, P, lam, Q, S, m, keep, p, upcast=True
-    )
+    ref_dx, ref_dP, ref_dlam, ref_dQ = adalora_linear_backward_ref(g, x, w, P, lam, Q, S, m, keep, p, upcast=True)
     refs = [ref_y, ref_dx, ref_dP, ref_dlam, ref_dQ]
     outs = [y, *grads]
     if dtype in (torch.float16, torch.bfloat16):
@@ -160,9 +156,7 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     layer = ak.AdaLoRALinear(24, 16, init_r=4, backend=backend, device=DEVICE, dtype=torch.float32)
     torch.nn.init.normal_(layer.lam)
     x = torch.randn(3, 5, 24, device=DEVICE, requires_grad=True)
-    compiled = torch.compile(
-        layer, fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor"
-    )
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor")
     y_eager = layer(x)
     (gx_eager,) = torch.autograd.grad(y_eager.square().sum(), x)
     y_comp = compiled(x)

@@ -61,9 +61,7 @@ def test_env_var_backend(monkeypatch):
 def test_unavailable_backend_asked_by_name_raises():
     ak.register_backend("broken", "adalora_kernels._no_such_module")
     try:
-        with pytest.raises(
-            ak.BackendUnavailableError, match="backend 'broken' is unavailable on cpu: import failed"
-        ):
+        with pytest.raises(ak.BackendUnavailableError, match="backend 'broken' is unavailable on cpu: import failed"):
             call(backend="broken")
         call()  # auto never picks it
     finally:

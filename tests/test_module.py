@@ -49,9 +49,7 @@ def test_forward_follows_rank_mask_and_matches_reference():
     nn.init.normal_(layer.lam)
     layer.rank_mask[1] = False
     x = torch.randn(3, 20, dtype=torch.float64)
-    ref = adalora_linear_ref(
-        x, layer.weight, layer.bias, layer.P, layer.lam, layer.Q, layer.scaling, layer.rank_mask
-    )
+    ref = adalora_linear_ref(x, layer.weight, layer.bias, layer.P, layer.lam, layer.Q, layer.scaling, layer.rank_mask)
     torch.testing.assert_close(layer(x), ref)
     lam_zeroed = layer.lam.detach().clone()
     lam_zeroed[1] = 0

@@ -43,9 +43,7 @@ def peft_layer(in_f, out_f, init_r, alpha, dropout, dtype, bias=True):
 def ours_from(svd, alpha, dropout, backend):
     base = svd.get_base_layer()
     r = svd.r["default"]
-    layer = ak.AdaLoRALinear.from_linear(
-        base, init_r=r, lora_alpha=alpha, lora_dropout=dropout, backend=backend
-    )
+    layer = ak.AdaLoRALinear.from_linear(base, init_r=r, lora_alpha=alpha, lora_dropout=dropout, backend=backend)
     with torch.no_grad():
         layer.P.copy_(svd.lora_B["default"])
         layer.lam.copy_(svd.lora_E["default"].view(-1))

@@ -59,9 +59,7 @@ def test_dropout_mask_does_not_depend_on_tiles():
     masks = []
     for bm, bk in [(16, 16), (32, 64), (64, 8)]:
         out = torch.empty(M, K, dtype=torch.int8, device=DEVICE)
-        kmod._keep_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
-            out, M, K, seed, p, BLOCK_M=bm, BLOCK_K=bk
-        )
+        kmod._keep_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](out, M, K, seed, p, BLOCK_M=bm, BLOCK_K=bk)
         masks.append(out)
     assert all(torch.equal(masks[0], m) for m in masks[1:])
     assert 0.55 < masks[0].float().mean().item() < 0.65

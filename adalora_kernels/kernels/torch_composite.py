@@ -76,3 +76,35 @@ def linear_backward(
         dlam = (dt * t).sum(0)
         dQ = u.T @ (x2 if scale is None else x2 * scale)
     return dx, dP, dlam, dQ
+
+
+def sensitivity_update(params, grads, ema_ipt, ema_unc, beta1: float, beta2: float) -> Tensor:
+    """Update PEFT's sensitivity EMAs in place and return the triplet scores of all layers, concatenated.
+
+    ``params``/``grads``/``ema_ipt``/``ema_unc``: one ``(P, lam, Q)`` triple per layer (lam 1-D). Each
+    elementwise step is its own rounded op, as in PEFT, so the EMAs match PEFT's bit for bit.
+    """
+    flat = [t for triple in params for t in triple]
+    ipt = torch._foreach_abs(torch._foreach_mul(flat, [t for triple in grads for t in triple]))
+    avg = [t for triple in ema_ipt for t in triple]
+    unc = [t for triple in ema_unc for t in triple]
+    torch._foreach_mul_(avg, beta1)
+    torch._foreach_add_(avg, torch._foreach_mul(ipt, 1 - beta1))
+    dev = torch._foreach_abs(torch._foreach_sub(ipt, avg))
+    torch._foreach_mul_(unc, beta2)
+    torch._foreach_add_(unc, torch._foreach_mul(dev, 1 - beta2))
+    return triplet_scores(ema_ipt, ema_unc)
+
+
+def triplet_scores(ema_ipt, ema_unc) -> Tensor:
+    """``S_i = s(λ)_i + (mean_in s(Q)_i + mean_out s(P)_i)`` with ``s = Ī ⊙ Ū``, per layer, concatenated."""
+    scores = []
+    for (aP, alam, aQ), (uP, ulam, uQ) in zip(ema_ipt, ema_unc):
+        scores.append(alam * ulam + ((aQ * uQ).mean(dim=1) + (aP * uP).mean(dim=0)))
+    return torch.cat(scores)
+
+
+def mask_lams(lams, keep: Tensor) -> None:
+    """Zero-fill, in place, the λ entries whose ``keep`` entry (over all layers, concatenated) is false."""
+    for lam, k in zip(lams, keep.split([lam.numel() for lam in lams])):
+        lam.masked_fill_(~k.view(lam.shape), 0.0)

@@ -113,14 +113,10 @@ def _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling) -> 
         if value is not None and not isinstance(value, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if weight.dim() != 2:
-        raise ValueError(
-            f"weight: expected a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}"
-        )
+        raise ValueError(f"weight: expected a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
     if x.dim() < 1 or x.shape[-1] != in_f:
-        raise ValueError(
-            f"x: expected last dimension in_features={in_f} (from weight), got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"x: expected last dimension in_features={in_f} (from weight), got shape {tuple(x.shape)}")
     if lam.dim() != 1:
         raise ValueError(
             f"lam: expected a 1-D (r,) tensor, got shape {tuple(lam.shape)} (PEFT's lora_E: use .view(-1))"

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from ..torch_composite import triplet_scores
 from .adalora_linear import dropout_keep_mask, linear_backward, linear_forward
 from .config import INTERPRET
+from .sensitivity import mask_lams, sensitivity_update
 
-__all__ = ["dropout_keep_mask", "linear_backward", "linear_forward", "unavailable_reason"]
+__all__ = [
+    "dropout_keep_mask",
+    "linear_backward",
+    "linear_forward",
+    "mask_lams",
+    "sensitivity_update",
+    "triplet_scores",
+    "unavailable_reason",
+]
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -149,9 +149,7 @@ def _fused_fwd_kernel(
     )
 
 
-@triton.autotune(
-    configs=get_rowblock_configs(), key=["M", "N", "BLOCK_R"], reset_to_zero=["dp_ptr", "dlam_ptr"]
-)
+@triton.autotune(configs=get_rowblock_configs(), key=["M", "N", "BLOCK_R"], reset_to_zero=["dp_ptr", "dlam_ptr"])
 @triton.jit
 def _dt_dp_bwd_kernel(
     # pointers: g (M, N), P (N, R), t (M, R), λeff (R); outputs u (M, R), dP (N, R), dλeff (R), accumulated
@@ -241,9 +239,7 @@ def _fused_dx_bwd_kernel(
         acc += tl.dot(g, w, input_precision=DOT_PRECISION)
     if HAS_ADAPTER:  # epilogue: + drop'(u Q)
         rr = tl.arange(0, BLOCK_R)
-        u = tl.load(
-            u_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0
-        )
+        u = tl.load(u_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
         q = tl.load(
             q_ptr + rr[:, None] * stride_qr + cols[None, :] * stride_qk,
             mask=(rr[:, None] < R) & (cols[None, :] < K),
@@ -289,9 +285,7 @@ def _dq_bwd_kernel(
         )
         if HAS_DROPOUT:
             x = tl.where(_keep_mask(seed, rows, pid * BLOCK_K, p, BLOCK_M, BLOCK_K), x, 0.0)
-        u = tl.load(
-            u_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0
-        )
+        u = tl.load(u_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
         acc += tl.dot(tl.trans(u.to(x.dtype)), x, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         acc = acc * keep_scale
@@ -330,9 +324,7 @@ def _dropout_args(dropout_p: float, seed: int) -> tuple:
     return (seed, dropout_p, 1.0 / (1.0 - dropout_p))
 
 
-def dropout_keep_mask(
-    shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device
-) -> torch.Tensor:
+def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
     """The mask these kernels apply for ``seed`` to an input of ``shape`` (rows, in)."""
     M, K = shape
     out = torch.empty(M, K, dtype=torch.int8, device=device)

@@ -1,0 +1,206 @@
+"""``RankAllocator``: PEFT 0.21's AdaLoRA budget schedule and masking, on the device with no host sync."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.sensitivity import mask_lams, sensitivity_update, threshold_keep, triplet_scores
+from .linear import AdaLoRALinear
+
+
+@dataclass
+class _Triplet:
+    name: str
+    P: nn.Parameter
+    lam: nn.Parameter  # 1-D (r,), or PEFT's (r, 1)
+    Q: nn.Parameter
+    layer: AdaLoRALinear | None  # ours: its rank_mask takes the final pattern
+
+
+def _find_triplets(model: nn.Module) -> list[_Triplet]:
+    return [_Triplet(name, m.P, m.lam, m.Q, m) for name, m in model.named_modules() if isinstance(m, AdaLoRALinear)]
+
+
+class RankAllocator:
+    """AdaLoRA's rank allocator (PEFT's ``RankAllocator`` + ``AdaLoraModel.update_and_allocate``).
+
+    Call ``update_and_allocate(step)`` after ``optimizer.step()`` and before ``zero_grad()``, ``step``
+    0-indexed. Sensitivity EMAs, triplet scores, threshold and mask all stay on the device; only
+    ``rank_pattern`` copies to the host.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        target_r: int,
+        total_step: int,
+        init_r: int | None = None,
+        tinit: int = 0,
+        tfinal: int = 0,
+        deltaT: int = 1,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        backend: str | None = None,
+        triplets: list[_Triplet] | None = None,
+    ) -> None:
+        self.triplets = triplets if triplets is not None else _find_triplets(model)
+        if not self.triplets:
+            raise ValueError("model: no AdaLoRALinear layer found; wrap layers with AdaLoRALinear first")
+        ranks = [t.lam.numel() for t in self.triplets]
+        if init_r is not None and any(r != init_r for r in ranks):
+            raise ValueError(
+                f"init_r: expected the layers' rank, got init_r={init_r} but layers have {sorted(set(ranks))}"
+            )
+        for name, value in (
+            ("total_step", total_step),
+            ("target_r", target_r),
+            ("tinit", tinit),
+            ("tfinal", tfinal),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int, got {value!r}")
+        if total_step <= 0:
+            raise ValueError(f"total_step: expected a positive int, got {total_step}")
+        if tinit < 0 or tfinal < 0:
+            raise ValueError(f"tinit and tfinal: expected ints >= 0, got tinit={tinit}, tfinal={tfinal}")
+        if tinit >= total_step - tfinal:
+            raise ValueError(
+                f"tinit: expected tinit < total_step - tfinal = {total_step - tfinal} so that there is a budgeting "
+                f"phase, got tinit={tinit}"
+            )
+        if not 0 <= target_r <= min(ranks):
+            raise ValueError(f"target_r: expected 0 <= target_r <= init_r ({min(ranks)}), got {target_r}")
+        if isinstance(deltaT, bool) or not isinstance(deltaT, int) or deltaT < 1:
+            raise ValueError(f"deltaT: expected an int >= 1, got {deltaT!r}")
+        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 < beta < 1.0:
+                raise ValueError(f"{name}: expected a float in (0, 1), got {beta!r}")
+        self.target_r, self.total_step, self.tinit, self.tfinal, self.deltaT = (
+            target_r,
+            total_step,
+            tinit,
+            tfinal,
+            deltaT,
+        )
+        self.beta1, self.beta2, self.backend = beta1, beta2, backend
+        self.init_bgt = sum(ranks)
+        self.target_bgt = target_r * len(self.triplets)
+        self.reset_ipt()
+        self._keep: Tensor | None = None  # last mask over all triplets (device), PEFT's rank_pattern
+        self._final = False
+
+    # ---------------------------------------------------------------------------------------- state
+
+    def reset_ipt(self) -> None:
+        """Zero the sensitivity EMAs (PEFT allocates them lazily at zero)."""
+        self._ema_ipt = [tuple(torch.zeros_like(p) for p in (t.P, t.lam, t.Q)) for t in self.triplets]
+        self._ema_unc = [tuple(torch.zeros_like(p) for p in (t.P, t.lam, t.Q)) for t in self.triplets]
+
+    def state_dict(self) -> dict:
+        return {
+            "ema_ipt": [list(e) for e in self._ema_ipt],
+            "ema_unc": [list(e) for e in self._ema_unc],
+            "keep": self._keep,
+            "final": self._final,
+            "names": [t.name for t in self.triplets],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        names = [t.name for t in self.triplets]
+        if state["names"] != names:
+            raise ValueError(f"state: saved for layers {state['names'][:3]}…, this allocator has {names[:3]}…")
+        with torch.no_grad():
+            for dst, src in zip(self._ema_ipt + self._ema_unc, state["ema_ipt"] + state["ema_unc"]):
+                for d, s in zip(dst, src):
+                    d.copy_(s)
+        self._keep = None if state["keep"] is None else state["keep"].to(self.triplets[0].lam.device)
+        self._final = state["final"]
+        if self._final:
+            self._apply_final_pattern()
+
+    # ---------------------------------------------------------------------------------------- schedule
+
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
+        """``(budget, mask_now)`` at ``step``: warm-up, cubic decrease (int() truncation), final phase."""
+        if step <= self.tinit:
+            return self.init_bgt, False
+        if step > self.total_step - self.tfinal:
+            return self.target_bgt, True
+        coeff = 1 - (step - self.tinit) / (self.total_step - self.tfinal - self.tinit)
+        budget = int((self.init_bgt - self.target_bgt) * (coeff**3) + self.target_bgt)
+        return budget, step % self.deltaT == 0
+
+    def _grads(self):
+        grads = []
+        for t in self.triplets:
+            triple = []
+            for label, p in (("P", t.P), ("lam", t.lam), ("Q", t.Q)):
+                if p.grad is None:
+                    raise RuntimeError(
+                        f"RankAllocator.update_and_allocate: {t.name}.{label} has no .grad; call it after "
+                        "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
+                    )
+                triple.append(p.grad)
+            grads.append(tuple(triple))
+        return grads
+
+    def _mask(self, scores: Tensor, budget: int) -> None:
+        self._keep = threshold_keep(scores, self.init_bgt - budget)
+        mask_lams([t.lam for t in self.triplets], self._keep, self.backend)
+
+    def _apply_final_pattern(self) -> None:
+        mask_lams([t.lam for t in self.triplets], self._keep, self.backend)
+        offset = 0
+        for t in self.triplets:
+            r = t.lam.numel()
+            if t.layer is not None:
+                t.layer.rank_mask.copy_(self._keep[offset : offset + r])
+            offset += r
+
+    @torch.no_grad()
+    def update_and_allocate(self, global_step: int) -> int:
+        """One step of PEFT's ``update_and_allocate``; returns the budget (triplets kept over all layers)."""
+        final_step = self.total_step - self.tfinal
+        budget, mask_now = self.budget_schedule(global_step)
+        if global_step < final_step:
+            params = [(t.P, t.lam.view(-1), t.Q) for t in self.triplets]
+            grads = [(g[0], g[1].view(-1), g[2]) for g in self._grads()]
+            emas = [[(a[0], a[1].view(-1), a[2]) for a in e] for e in (self._ema_ipt, self._ema_unc)]
+            scores = sensitivity_update(params, grads, *emas, self.beta1, self.beta2, self.backend)
+            if mask_now:
+                self._mask(scores, budget)
+        elif global_step == final_step:
+            emas = [[(a[0], a[1].view(-1), a[2]) for a in e] for e in (self._ema_ipt, self._ema_unc)]
+            self._mask(triplet_scores(*emas), budget)
+            self._final = True
+            self._apply_final_pattern()
+            self.reset_ipt()
+        else:
+            if not self._final:
+                if self._keep is None:
+                    raise RuntimeError(
+                        f"RankAllocator.update_and_allocate: step {global_step} is past total_step - tfinal = "
+                        f"{final_step}, but no mask was ever computed, so there is no rank pattern to apply"
+                    )
+                self._final = True  # as PEFT: the last budgeting pattern becomes the final one
+            self._apply_final_pattern()
+        return budget
+
+    # ---------------------------------------------------------------------------------------- results
+
+    @property
+    def rank_pattern(self) -> dict[str, list[bool]] | None:
+        """``{module_name: [kept, ...]}`` of the last mask (``None`` before the first); copies to the host."""
+        if self._keep is None:
+            return None
+        keep = self._keep.tolist()
+        pattern, offset = {}, 0
+        for t in self.triplets:
+            r = t.lam.numel()
+            pattern[t.name] = keep[offset : offset + r]
+            offset += r
+        return pattern

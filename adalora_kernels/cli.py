@@ -1,193 +1,265 @@
-"""``adalora-kernels``: benchmark our layer against the frozen nn.Linear and PEFT's SVDLinear.
+"""``adalora-kernels``: benchmark the fused AdaLoRA layer against the frozen nn.Linear and PEFT.
 
-``bench`` times forward+backward of each variant on the same inputs, interleaved (A B C A B C …) so that a
-noisy machine slows all of them alike, and reports medians and ratios (DESIGN §5).
+  bench   time fwd, bwd and fwd+bwd of nn.Linear, PEFT's SVDLinear (eager and compiled) and each of our
+          backends on the same inputs, plus one rank-allocator step and the orthogonal regulariser
+  memory  bytes saved for backward (and CUDA peak) across rank budgets, per layer and for a LLaMA block
+
+Results follow DESIGN §5: ``--json`` writes {device, torch, triton, commit, date, rows}; ratios are only
+taken between variants measured side by side in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import platform
-import statistics
-import subprocess
 import sys
-import time
-from datetime import date
 
 import torch
-from torch import nn
 
-from .kernels import backend_names, unavailable_reason
-from .modules import AdaLoRALinear
+from . import benchmarking as bm
 
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
+QUICK_BENCH = {"shapes": [(1024, 512, 512)], "rounds": 10, "modes": ["fwd_bwd"], "blocks": 32, "hidden": 128}
+QUICK_MEMORY = {"shapes": [(512, 256, 256)], "ranks": [4, 16, 64]}
 
 
-def _peft_layer(linear: nn.Linear, r: int, alpha: float, dropout: float):
-    import peft  # optional: a benchmark dependency
-
-    holder = nn.Sequential()
-    holder.add_module("lin", linear)
-    cfg = peft.AdaLoraConfig(
-        init_r=r, target_r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["lin"], total_step=10
-    )
-    return peft.get_peft_model(holder, cfg).base_model.model.lin
-
-
-def build_variants(tokens, in_f, out_f, r, dtype, dropout, device, alpha=8.0):
-    """One frozen nn.Linear shared by every variant; adapters of rank r; the inputs to time them on."""
-    linear = nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
-    variants: dict[str, nn.Module | str] = {"linear": linear}
+def _parse_shape(text: str) -> tuple[int, int, int]:
     try:
-        variants["peft"] = _peft_layer(linear, r, alpha, dropout).to(device=device, dtype=dtype)
-    except ImportError as exc:
-        variants["peft"] = f"peft is not installed ({exc})"
-    for name in backend_names():
-        reason = unavailable_reason(name, torch.device(device))
-        if reason is not None:
-            variants[name] = reason
-            continue
-        layer = AdaLoRALinear.from_linear(linear, init_r=r, lora_alpha=alpha, lora_dropout=dropout, backend=name)
-        variants[name] = layer
-    for module in variants.values():
-        if isinstance(module, nn.Module):
-            module.train()
-    x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn(tokens, out_f, device=device, dtype=dtype)
-    return variants, x, grad
+        tokens, in_f, out_f = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape: expected tokens,in,out (three ints), got {text!r}") from None
+    if min(tokens, in_f, out_f) <= 0:
+        raise argparse.ArgumentTypeError(f"--shape: expected positive sizes, got {text!r}")
+    return tokens, in_f, out_f
 
 
-def _fwd_bwd(module, x, grad):
-    module(x).backward(grad)
+def _choice(kind: str, valid) -> callable:
+    def parse(text: str) -> str:
+        if text not in valid:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {text!r}; valid: {', '.join(valid)}")
+        return text
+
+    return parse
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(variants, x, grad, rounds, device, warmup=2):
-    """Median seconds of fwd+bwd per runnable variant, measured round-robin."""
-    runnable = {k: v for k, v in variants.items() if isinstance(v, nn.Module)}
-    times: dict[str, list[float]] = {k: [] for k in runnable}
-    for i in range(warmup + rounds):
-        for name, module in runnable.items():
-            _sync(device)
-            start = time.perf_counter()
-            _fwd_bwd(module, x, grad)
-            _sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-            x.grad = None
-            for p in module.parameters():
-                p.grad = None
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _commit() -> str:
+def _device(text: str) -> torch.device:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid: cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid: cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("device 'cuda' asked for, but torch sees no CUDA device; valid here: cpu")
+    return device
 
 
-def _device_name(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def bench(args) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
-    dtype = DTYPES[args.dtype]
-    rows = []
-    shapes = [tuple(int(v) for v in args.shape.split(","))]
-    for tokens, in_f, out_f in shapes:
-        for r in args.rank:
-            for dropout in args.dropout:
-                variants, x, grad = build_variants(tokens, in_f, out_f, r, dtype, dropout, args.device)
-                medians = time_interleaved(variants, x, grad, args.rounds, args.device)
-                base, peft_ms = medians["linear"], medians.get("peft")
-                for name, module in variants.items():
-                    row = {
-                        "op": "fwd_bwd",
-                        "variant": name,
-                        "tokens": tokens,
-                        "in": in_f,
-                        "out": out_f,
-                        "r": r,
-                        "dtype": args.dtype,
-                        "dropout": dropout,
-                    }
-                    if name in medians:
-                        row["ms"] = medians[name] * 1e3
-                        row["slowdown_vs_linear"] = medians[name] / base
-                        if peft_ms:
-                            row["speedup_vs_peft"] = peft_ms / medians[name]
-                    else:
-                        row["unavailable"] = module
-                    rows.append(row)
-    result = {
-        "device": _device_name(args.device),
-        "torch": torch.__version__,
-        "commit": _commit(),
-        "date": date.today().isoformat(),
-        "python": platform.python_version(),
-        "rounds": args.rounds,
-        "rows": rows,
-    }
-    table = Table(title=f"fwd+bwd, median of {args.rounds} interleaved rounds on {result['device']}")
-    for col in ("variant", "tokens×in×out", "r", "dropout", "ms", "vs linear", "vs PEFT"):
-        table.add_column(col)
-    for row in rows:
-        if "ms" not in row:
-            table.add_row(row["variant"], "", str(row["r"]), str(row["dropout"]), "—", row["unavailable"][:60], "")
-            continue
-        table.add_row(
-            row["variant"],
-            f"{row['tokens']}×{row['in']}×{row['out']}",
-            str(row["r"]),
-            str(row["dropout"]),
-            f"{row['ms']:.2f}",
-            f"{row['slowdown_vs_linear']:.3f}",
-            f"{row['speedup_vs_peft']:.2f}×" if "speedup_vs_peft" in row else "",
-        )
-    Console().print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", type=_choice("preset", list(bm.PRESETS)), help=f"shape preset: {', '.join(bm.PRESETS)}")
+    p.add_argument("--shape", type=_parse_shape, action="append", help="tokens,in,out (repeatable); overrides --preset")
+    p.add_argument("--tokens", type=int, help="tokens (M) for the preset's shapes (default: 2048 CPU, 8192 GPU)")
+    p.add_argument("--dtype", type=_choice("dtype", list(bm.DTYPES)), help="float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1], help="dropout rates (default: 0 0.1)")
+    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--variants", type=_choice("variant", bm.all_variants()), nargs="+",
+                   help=f"subset of: {', '.join(bm.all_variants())}")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="small shapes and few rounds (< 2 minutes on 2 CPU cores)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON (DESIGN §5)")
+    p.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
+    p.add_argument("--plot", metavar="FILE.png", help="plot the results")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adalora-kernels", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="time fwd+bwd of nn.Linear, PEFT's SVDLinear and our backends, side by side")
-    b.add_argument("--shape", default="2048,1024,1024", help="tokens,in,out (default: %(default)s)")
-    b.add_argument("--rank", type=int, nargs="+", default=[12], help="adapter ranks (default: %(default)s)")
-    b.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1], help="dropout rates (default: %(default)s)")
-    b.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    b.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default: %(default)s)")
-    b.add_argument("--quick", action="store_true", help="a small shape and few rounds")
-    b.add_argument("--json", help="write the results (DESIGN §5 format) to this file")
+    parser = argparse.ArgumentParser(
+        prog="adalora-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,memory}")
+    b = sub.add_parser("bench", help="time fwd/bwd/fwd+bwd against nn.Linear and PEFT; allocator and orth-reg steps")
+    _common(b)
+    b.add_argument("--rank", type=int, nargs="+", default=[12], help="adapter ranks (default: 12)")
+    b.add_argument("--modes", type=_choice("mode", bm.MODES), nargs="+", default=list(bm.MODES),
+                   help="fwd, bwd, fwd_bwd (default: all)")  # fmt: skip
+    b.add_argument("--rounds", type=int, default=20, help="interleaved CPU rounds (default: 20)")
+    b.add_argument("--no-allocator", action="store_true", help="skip the allocator_step and orth_reg rows")
+    m = sub.add_parser("memory", help="bytes saved for backward (and CUDA peak) across rank budgets")
+    _common(m)
+    m.add_argument("--rank", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="init_r values")
+    m.add_argument("--prune-to", type=float, default=0.25, help="also measure with this fraction of ranks kept")
+    m.add_argument("--no-block", action="store_true", help="skip the whole LLaMA-block measurement")
     return parser
+
+
+def _resolve(args) -> None:
+    args.device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = args.device.type == "cuda"
+    args.dtype = bm.DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
+    for p in args.dropout:
+        if not 0.0 <= p < 1.0:
+            raise SystemExit(f"adalora-kernels: --dropout: expected rates in [0, 1), got {p}")
+    for r in args.rank:
+        if r < 1:
+            raise SystemExit(f"adalora-kernels: --rank: expected ranks >= 1, got {r}")
+    if args.shape:
+        args.shapes = args.shape
+    else:
+        preset = args.preset or ("llama3-8b" if on_gpu else "cpu-small")
+        tokens = args.tokens or bm.DEFAULT_TOKENS[args.device.type]
+        args.shapes = [(tokens, i, o) for i, o in bm.PRESETS[preset]]
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), transient=True)  # fmt: skip
+
+
+def run_bench(args) -> dict:
+    if args.quick:
+        args.shapes, args.rounds = QUICK_BENCH["shapes"], QUICK_BENCH["rounds"]
+        args.modes = QUICK_BENCH["modes"] if args.modes == list(bm.MODES) else args.modes
+    cases = [(s, r, p) for s in args.shapes for r in args.rank for p in args.dropout]
+    rows: list[dict] = []
+    with _progress() as progress:
+        task = progress.add_task("bench", total=len(cases) * len(args.modes) + (0 if args.no_allocator else 1))
+        for (tokens, in_f, out_f), r, p in cases:
+            case = bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, args.variants)
+            for mode in args.modes:
+                progress.update(task, description=f"{mode} {tokens}×{in_f}×{out_f} r={r} p={p}")
+                rows += bm.timing_rows(case, mode, args.rounds)
+                progress.advance(task)
+        if not args.no_allocator:
+            progress.update(task, description="allocator step and orthogonal regulariser")
+            rows += allocator_rows(args)
+            progress.advance(task)
+    return _finish(args, rows, "bench")
+
+
+def allocator_rows(args) -> list[dict]:
+    """One masking update_and_allocate and one orth-reg fwd+bwd over a LLaMA-7B-like adapter set (32 blocks
+    × 7 projections, init_r = 12), ours against PEFT; hidden sizes scaled down on the CPU."""
+    on_gpu = args.device.type == "cuda"
+    hidden = 4096 if on_gpu else (QUICK_BENCH["hidden"] if args.quick else 512)
+    mlp, blocks, init_r = int(hidden * 2.6875), 32, 12
+    backends = [b for b in bm.backend_names() if bm.unavailable_reason(b, args.device) is None]
+    dtype = torch.float32
+    pm, allocators = bm.allocator_pair(blocks, hidden, mlp, init_r, dtype, args.device, backends)
+    rounds = 10 if args.quick else 20
+    ms = bm.time_allocator_step(pm, allocators, rounds, args.device)
+    shape = {
+        "tokens": 0,
+        "in": hidden,
+        "out": mlp,
+        "r": init_r,
+        "dtype": "float32",
+        "dropout": 0.0,
+        "layers": blocks * 7,
+    }
+    rows = []
+    for name, value in ms.items():
+        row = {"op": "allocator_step", "variant": name, **shape, "ms": value}
+        if name != "peft":
+            row["speedup_vs_peft"] = ms["peft"] / value
+        rows.append(row)
+    Ps = [p for n, p in pm.named_parameters() if "lora_B" in n]
+    Qs = [p for n, p in pm.named_parameters() if "lora_A" in n]
+    med = bm.time_orth_reg(Ps, Qs, rounds, args.device)
+    rows.append({"op": "orth_reg", "variant": "peft", **shape, "ms": med["peft"]})
+    rows.append({"op": "orth_reg", "variant": "torch", **shape, "ms": med["torch"],
+                 "speedup_vs_peft": med["peft"] / med["torch"]})  # fmt: skip
+    return rows
+
+
+def run_memory(args) -> dict:
+    if args.quick:
+        args.shapes, args.rank = QUICK_MEMORY["shapes"], QUICK_MEMORY["ranks"]
+    variants = args.variants or [v for v in bm.all_variants() if v != "peft_compiled"]
+    cases = [(s, r, p) for s in args.shapes for r in args.rank for p in args.dropout]
+    rows: list[dict] = []
+    with _progress() as progress:
+        task = progress.add_task("memory", total=len(cases) + (0 if args.no_block else len(args.dropout)))
+        for (tokens, in_f, out_f), r, p in cases:
+            progress.update(task, description=f"{tokens}×{in_f}×{out_f} r={r} p={p}")
+            rows += bm.memory_rows(bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, variants))
+            kept = max(1, int(r * args.prune_to))
+            if kept < r:
+                rows += bm.memory_rows(bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, variants), kept)
+            progress.advance(task)
+        if not args.no_block:
+            for p in args.dropout:
+                progress.update(task, description=f"LLaMA block p={p}")
+                rows += bm.block_memory_rows(args.dtype, p, args.device, quick=args.quick)
+                progress.advance(task)
+    for row in rows:  # the ratio the memory target speaks of: PEFT's bytes beyond x over ours, same case
+        if row["variant"] == "peft":
+            continue
+        twin = next((o for o in rows if o["variant"] == "peft" and _same_case(o, row)), None)
+        if twin is not None and row.get("bytes_beyond_x"):
+            row["peft_over_ours_beyond_x"] = twin["bytes_beyond_x"] / row["bytes_beyond_x"]
+    return _finish(args, rows, "memory")
+
+
+def _same_case(a: dict, b: dict) -> bool:
+    keys = ("op", "tokens", "in", "out", "r", "dtype", "dropout", "budget_r")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _finish(args, rows: list[dict], command: str) -> dict:
+    result = {**bm.environment(args.device), "command": " ".join(["adalora-kernels", *sys.argv[1:]]), "rows": rows}
+    _print_table(rows, command, result["device"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.csv:
+        keys = sorted({k for row in rows for k in row})
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.plot:
+        from .plots import plot_rows
+
+        plot_rows(rows, command, args.plot, title=f"{command} on {result['device']}")
+    return result
+
+
+def _print_table(rows: list[dict], command: str, device: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"adalora-kernels {command} on {device}")
+    if command == "bench":
+        cols = ["op", "variant", "shape", "r", "dropout", "ms", "vs linear", "vs PEFT", "vs PEFT compiled"]
+    else:
+        cols = ["op", "variant", "shape", "r", "budget", "dropout", "MiB", "MiB beyond x", "PEFT ÷ ours"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("op", "variant", "shape") else "right")
+    for row in rows:
+        shape = f"{row['tokens']}×{row['in']}×{row['out']}" if row["tokens"] else f"{row.get('layers', '')} layers"
+        if "unavailable" in row:
+            table.add_row(row["op"], row["variant"], shape, str(row["r"]), "", f"[dim]{row['unavailable'][:70]}[/dim]")
+            continue
+        if command == "bench":
+            ratio = lambda k: f"{row[k]:.3f}" if k in row else ""
+            table.add_row(row["op"], row["variant"], shape, str(row["r"]), str(row["dropout"]), f"{row['ms']:.3f}",
+                          ratio("slowdown_vs_linear"), ratio("speedup_vs_peft"), ratio("speedup_vs_peft_compiled"))  # fmt: skip
+        else:
+            mib = row["bytes"] / 2**20
+            beyond = row.get("bytes_beyond_x")
+            table.add_row(row["op"], row["variant"], shape, str(row["r"]), str(row.get("budget_r", "")),
+                          str(row["dropout"]), f"{mib:.2f}", "" if beyond is None else f"{beyond / 2**20:.3f}",
+                          f"{row['peft_over_ours_beyond_x']:.1f}×" if "peft_over_ours_beyond_x" in row else "")  # fmt: skip
+    Console().print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    if args.command == "bench":
-        if args.quick:
-            args.shape, args.rounds = "1024,512,512", 10
-        bench(args)
+    _resolve(args)
+    try:
+        (run_bench if args.command == "bench" else run_memory)(args)
+    except MemoryError as exc:
+        print(f"adalora-kernels: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -13,22 +13,21 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _bernoulli(shape, dropout_p: float, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    # the draws do not depend on dtype, so the mask is the same whichever dtype it is drawn in
+def _uniform(shape, seed: int, device: torch.device) -> Tensor:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - dropout_p, generator=gen)
+    return torch.rand(shape, generator=gen, device=device)
 
 
 def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> Tensor:
-    return _bernoulli(shape, dropout_p, seed, device, torch.float32).bool()
+    return _uniform(shape, seed, device) >= dropout_p
 
 
 def _scaled_keep(x2: Tensor, dropout_p: float, seed: int) -> Tensor | None:
-    """``keep / (1 - p)`` in x's dtype, or ``None`` without dropout."""
+    """``keep / (1 - p)`` in x's dtype, or ``None`` without dropout; the same draws as ``dropout_keep_mask``."""
     if dropout_p == 0.0:
         return None
-    return _bernoulli(x2.shape, dropout_p, seed, x2.device, x2.dtype).mul_(1.0 / (1.0 - dropout_p))
+    return _uniform(x2.shape, seed, x2.device).ge_(dropout_p).to(x2.dtype).mul_(1.0 / (1.0 - dropout_p))
 
 
 def linear_forward(
@@ -78,30 +77,23 @@ def linear_backward(
     return dx, dP, dlam, dQ
 
 
-def sensitivity_update(params, grads, ema_ipt, ema_unc, beta1: float, beta2: float) -> Tensor:
-    """Update PEFT's sensitivity EMAs in place and return the triplet scores of all layers, concatenated.
+def sensitivity_update(layout, params, grads, ema_ipt: Tensor, ema_unc: Tensor, beta1: float, beta2: float) -> Tensor:
+    """Update PEFT's sensitivity EMAs (flat buffers in ``layout``) in place and return every triplet score.
 
-    ``params``/``grads``/``ema_ipt``/``ema_unc``: one ``(P, lam, Q)`` triple per layer (lam 1-D). Each
-    elementwise step is its own rounded op, as in PEFT, so the EMAs match PEFT's bit for bit.
+    ``params``/``grads``: one ``(P, λ, Q)`` per layer. A few whole-buffer ops, each elementwise step rounded on
+    its own as in PEFT (no fused multiply-add), so the EMAs match PEFT's bit for bit.
     """
-    flat = [t for triple in params for t in triple]
-    ipt = torch._foreach_abs(torch._foreach_mul(flat, [t for triple in grads for t in triple]))
-    avg = [t for triple in ema_ipt for t in triple]
-    unc = [t for triple in ema_unc for t in triple]
-    torch._foreach_mul_(avg, beta1)
-    torch._foreach_add_(avg, torch._foreach_mul(ipt, 1 - beta1))
-    dev = torch._foreach_abs(torch._foreach_sub(ipt, avg))
-    torch._foreach_mul_(unc, beta2)
-    torch._foreach_add_(unc, torch._foreach_mul(dev, 1 - beta2))
-    return triplet_scores(ema_ipt, ema_unc)
+    ipt = layout.gather(params).mul_(layout.gather(grads)).abs_()
+    tmp = ipt * (1 - beta1)
+    ema_ipt.mul_(beta1).add_(tmp)
+    torch.sub(ipt, ema_ipt, out=tmp).abs_().mul_(1 - beta2)
+    ema_unc.mul_(beta2).add_(tmp)
+    return layout.triplet_scores(torch.mul(ema_ipt, ema_unc, out=tmp))
 
 
-def triplet_scores(ema_ipt, ema_unc) -> Tensor:
-    """``S_i = s(λ)_i + (mean_in s(Q)_i + mean_out s(P)_i)`` with ``s = Ī ⊙ Ū``, per layer, concatenated."""
-    scores = []
-    for (aP, alam, aQ), (uP, ulam, uQ) in zip(ema_ipt, ema_unc):
-        scores.append(alam * ulam + ((aQ * uQ).mean(dim=1) + (aP * uP).mean(dim=0)))
-    return torch.cat(scores)
+def triplet_scores(layout, ema_ipt: Tensor, ema_unc: Tensor) -> Tensor:
+    """Triplet scores from the EMAs alone."""
+    return layout.triplet_scores(ema_ipt * ema_unc)
 
 
 def mask_lams(lams, keep: Tensor) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..kernels.layout import FlatLayout
 from ..ops.sensitivity import mask_lams, sensitivity_update, threshold_keep, triplet_scores
 from .linear import AdaLoRALinear
 
@@ -89,6 +90,16 @@ class RankAllocator:
         self.beta1, self.beta2, self.backend = beta1, beta2, backend
         self.init_bgt = sum(ranks)
         self.target_bgt = target_r * len(self.triplets)
+        first = self.triplets[0].P
+        for t in self.triplets:
+            for label, p in (("P", t.P), ("lam", t.lam), ("Q", t.Q)):
+                if p.dtype != first.dtype or p.device != first.device:
+                    raise TypeError(
+                        f"{t.name}.{label}: expected every adapter parameter on {first.device} in {first.dtype}, "
+                        f"got {p.device} {p.dtype}"
+                    )
+        shapes = [(t.P.shape[0], t.lam.numel(), t.Q.shape[1]) for t in self.triplets]
+        self._layout = FlatLayout(shapes, first.dtype, first.device)
         self.reset_ipt()
         self._keep: Tensor | None = None  # last mask over all triplets (device), PEFT's rank_pattern
         self._final = False
@@ -97,13 +108,13 @@ class RankAllocator:
 
     def reset_ipt(self) -> None:
         """Zero the sensitivity EMAs (PEFT allocates them lazily at zero)."""
-        self._ema_ipt = [tuple(torch.zeros_like(p) for p in (t.P, t.lam, t.Q)) for t in self.triplets]
-        self._ema_unc = [tuple(torch.zeros_like(p) for p in (t.P, t.lam, t.Q)) for t in self.triplets]
+        self._ema_ipt = self._layout.zeros()
+        self._ema_unc = self._layout.zeros()
 
     def state_dict(self) -> dict:
         return {
-            "ema_ipt": [list(e) for e in self._ema_ipt],
-            "ema_unc": [list(e) for e in self._ema_unc],
+            "ema_ipt": self._ema_ipt,
+            "ema_unc": self._ema_unc,
             "keep": self._keep,
             "final": self._final,
             "names": [t.name for t in self.triplets],
@@ -114,9 +125,8 @@ class RankAllocator:
         if state["names"] != names:
             raise ValueError(f"state: saved for layers {state['names'][:3]}…, this allocator has {names[:3]}…")
         with torch.no_grad():
-            for dst, src in zip(self._ema_ipt + self._ema_unc, state["ema_ipt"] + state["ema_unc"]):
-                for d, s in zip(dst, src):
-                    d.copy_(s)
+            self._ema_ipt.copy_(state["ema_ipt"])
+            self._ema_unc.copy_(state["ema_unc"])
         self._keep = None if state["keep"] is None else state["keep"].to(self.triplets[0].lam.device)
         self._final = state["final"]
         if self._final:
@@ -169,13 +179,13 @@ class RankAllocator:
         if global_step < final_step:
             params = [(t.P, t.lam.view(-1), t.Q) for t in self.triplets]
             grads = [(g[0], g[1].view(-1), g[2]) for g in self._grads()]
-            emas = [[(a[0], a[1].view(-1), a[2]) for a in e] for e in (self._ema_ipt, self._ema_unc)]
-            scores = sensitivity_update(params, grads, *emas, self.beta1, self.beta2, self.backend)
+            scores = sensitivity_update(
+                self._layout, params, grads, self._ema_ipt, self._ema_unc, self.beta1, self.beta2, self.backend
+            )
             if mask_now:
                 self._mask(scores, budget)
         elif global_step == final_step:
-            emas = [[(a[0], a[1].view(-1), a[2]) for a in e] for e in (self._ema_ipt, self._ema_unc)]
-            self._mask(triplet_scores(*emas), budget)
+            self._mask(triplet_scores(self._layout, self._ema_ipt, self._ema_unc), budget)
             self._final = True
             self._apply_final_pattern()
             self.reset_ipt()

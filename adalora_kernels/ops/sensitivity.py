@@ -6,20 +6,22 @@ import torch
 from torch import Tensor
 
 from ..kernels import get_backend
+from ..kernels.layout import FlatLayout
 from .backend import resolve_backend
 
 
-def sensitivity_update(params, grads, ema_ipt, ema_unc, beta1: float, beta2: float, backend: str | None = None):
-    """Update the sensitivity EMAs of every ``(P, lam, Q)`` in place; return all triplet scores (one launch
-    on Triton, one ``torch._foreach_*`` chain on the torch backend)."""
-    device = params[0][0].device
-    name = resolve_backend(backend, device)
-    return get_backend(name, device).sensitivity_update(params, grads, ema_ipt, ema_unc, beta1, beta2)
+def sensitivity_update(
+    layout: FlatLayout, params, grads, ema_ipt: Tensor, ema_unc: Tensor, beta1: float, beta2: float, backend=None
+) -> Tensor:
+    """Update the sensitivity EMAs (flat buffers laid out by ``layout``) of every ``(P, λ, Q)`` in place and
+    return all triplet scores: one launch on Triton, a few whole-buffer ops on the torch backend."""
+    name = resolve_backend(backend, ema_ipt.device)
+    return get_backend(name, ema_ipt.device).sensitivity_update(layout, params, grads, ema_ipt, ema_unc, beta1, beta2)
 
 
-def triplet_scores(ema_ipt, ema_unc) -> Tensor:
+def triplet_scores(layout: FlatLayout, ema_ipt: Tensor, ema_unc: Tensor) -> Tensor:
     """Triplet scores from the EMAs alone (the final mask of PEFT's schedule does not update them)."""
-    return get_backend("torch", ema_ipt[0][0].device).triplet_scores(ema_ipt, ema_unc)
+    return get_backend("torch", ema_ipt.device).triplet_scores(layout, ema_ipt, ema_unc)
 
 
 def mask_lams(lams, keep: Tensor, backend: str | None = None) -> None:

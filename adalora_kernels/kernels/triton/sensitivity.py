@@ -128,9 +128,10 @@ def _check_uniform(tensors: list[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def sensitivity_update(params, grads, ema_ipt, ema_unc, beta1: float, beta2: float) -> torch.Tensor:
-    """One launch: update every EMA in place, return all triplet scores (layers concatenated)."""
+def sensitivity_update(layout, params, grads, ema_ipt, ema_unc, beta1: float, beta2: float) -> torch.Tensor:
+    """One launch: update every EMA (flat buffers in ``layout``) in place, return all triplet scores."""
     device = params[0][0].device
+    ema_ipt, ema_unc = layout.views(ema_ipt), layout.views(ema_unc)
     rows, tensors = [], []
     for (P, lam, Q), (dP, dlam, dQ), (aP, alam, aQ), (uP, ulam, uQ) in zip(params, grads, ema_ipt, ema_unc):
         group = [P, dP, aP, uP, Q, dQ, aQ, uQ, lam, dlam, alam, ulam]

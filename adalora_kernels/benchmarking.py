@@ -1,0 +1,473 @@
+"""The one setup factory and the measurements behind ``adalora-kernels bench|memory`` and ``benchmarks/``.
+
+Protocol (DESIGN §5): every variant runs on the same inputs in the same process; on the CPU the variants are
+interleaved (A B C A B C …) and medians are compared, on a GPU ``triton.testing.do_bench`` (CUDA events,
+L2 flushed) gives medians. Ratios are taken between variants of the same run only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+
+import torch
+from torch import nn
+
+from .kernels import backend_names, unavailable_reason
+from .modules import AdaLoRALinear, RankAllocator
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+MODES = ("fwd", "bwd", "fwd_bwd")
+BASELINES = ("linear", "peft", "peft_compiled")
+
+# (in, out) of the projections of each model; tokens come from --tokens
+PRESETS: dict[str, list[tuple[int, int]]] = {
+    "cpu-small": [(1024, 1024), (1024, 2816), (2816, 1024)],
+    "llama-7b": [(4096, 4096), (4096, 11008), (11008, 4096)],
+    "llama3-8b": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)],
+    "llama-70b": [(8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192)],
+}
+DEFAULT_TOKENS = {"cpu": 2048, "cuda": 8192}
+
+
+def all_variants() -> list[str]:
+    return [*BASELINES, *backend_names()]
+
+
+# --------------------------------------------------------------------------------------------- environment
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "device": device_name(device),
+        "torch": torch.__version__.split("+")[0],
+        "commit": git_commit(),
+        "date": date.today().isoformat(),
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(tokens: int, in_f: int, out_f: int, r: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before allocating, a case whose tensors cannot fit in the device's free memory."""
+    size = torch.empty((), dtype=dtype).element_size()
+    # x, dx, PEFT's dropped copy of x and its mask; y and g; W; adapters: a generous upper bound
+    need = size * (4 * tokens * in_f + 3 * tokens * out_f + in_f * out_f + 8 * r * (tokens + in_f + out_f))
+    free = available_bytes(device)
+    if need > 0.8 * free:
+        raise MemoryError(
+            f"shape tokens={tokens}, in={in_f}, out={out_f} ({dtype}) needs about {need / 2**30:.1f} GiB but "
+            f"{device} has {free / 2**30:.1f} GiB free; choose a smaller --tokens or preset"
+        )
+
+
+# --------------------------------------------------------------------------------------------- the factory
+
+
+@dataclass
+class Case:
+    """One benchmark case: the variants (a module, or why it is unavailable) and their inputs."""
+
+    tokens: int
+    in_f: int
+    out_f: int
+    r: int
+    dtype: torch.dtype
+    dropout: float
+    device: torch.device
+    variants: dict[str, nn.Module | str]
+    x: torch.Tensor
+    grad: torch.Tensor
+
+    def row(self, op: str, variant: str, **values) -> dict:
+        return {
+            "op": op, "variant": variant, "tokens": self.tokens, "in": self.in_f, "out": self.out_f, "r": self.r,
+            "dtype": str(self.dtype).removeprefix("torch."), "dropout": self.dropout, **values,
+        }  # fmt: skip
+
+
+def peft_svd_linear(linear: nn.Linear, r: int, lora_alpha: float, dropout: float) -> nn.Module:
+    """PEFT's ``SVDLinear`` around ``linear`` (shared), adapters initialised as PEFT does."""
+    import peft
+
+    holder = nn.Module()
+    holder.lin = linear
+    cfg = peft.AdaLoraConfig(
+        init_r=r, target_r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=["lin"], total_step=10
+    )
+    return peft.get_peft_model(holder, cfg).base_model.model.lin
+
+
+def make_case(
+    tokens: int,
+    in_f: int,
+    out_f: int,
+    r: int,
+    dtype: torch.dtype,
+    dropout: float,
+    device: torch.device | str,
+    variants: list[str] | None = None,
+    lora_alpha: float = 8.0,
+) -> Case:
+    """The frozen nn.Linear (shared by every variant), PEFT's layer and ours around it, and inputs."""
+    device = torch.device(device)
+    check_fits(tokens, in_f, out_f, r, dtype, device)
+    wanted = variants or all_variants()
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
+    built: dict[str, nn.Module | str] = {}
+    peft_layer: nn.Module | str | None = None
+    for name in wanted:
+        if name == "linear":
+            built[name] = linear
+        elif name in ("peft", "peft_compiled"):
+            if peft_layer is None:
+                try:
+                    peft_layer = peft_svd_linear(linear, r, lora_alpha, dropout).to(device=device, dtype=dtype)
+                    with torch.no_grad():
+                        peft_layer.lora_E["default"].normal_(generator=None)
+                except ImportError as exc:
+                    peft_layer = f"peft is not installed ({exc})"
+            if isinstance(peft_layer, str) or name == "peft":
+                built[name] = peft_layer
+            else:
+                built[name] = torch.compile(peft_layer)
+        else:
+            reason = unavailable_reason(name, device)
+            if reason is not None:
+                built[name] = reason
+                continue
+            layer = AdaLoRALinear.from_linear(
+                linear, init_r=r, lora_alpha=lora_alpha, lora_dropout=dropout, backend=name
+            )
+            with torch.no_grad():
+                layer.lam.normal_()
+            built[name] = layer
+    for module in built.values():
+        if isinstance(module, nn.Module):
+            module.train()
+    x = torch.randn(tokens, in_f, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    grad = torch.randn(tokens, out_f, generator=gen).to(device=device, dtype=dtype)
+    return Case(tokens, in_f, out_f, r, dtype, dropout, device, built, x, grad)
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def _clear_grads(module: nn.Module, x: torch.Tensor) -> None:
+    x.grad = None
+    for p in module.parameters():
+        p.grad = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_fn(module: nn.Module, case: Case, mode: str) -> tuple[Callable[[], None], Callable[[], None] | None]:
+    """``(timed, untimed_setup)`` for one mode: forward, backward (of a fresh forward), or both."""
+    if mode == "fwd":
+        return (lambda: module(case.x)), None
+    if mode == "fwd_bwd":
+        return (lambda: module(case.x).backward(case.grad)), None
+    holder = {}
+
+    def setup():
+        _clear_grads(module, case.x)
+        holder["y"] = module(case.x)
+
+    return (lambda: holder["y"].backward(case.grad)), setup
+
+
+def time_cpu_interleaved(case: Case, mode: str, rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds per runnable variant, round-robin so noise hits every variant alike."""
+    runnable = {k: v for k, v in case.variants.items() if isinstance(v, nn.Module)}
+    fns = {k: step_fn(m, case, mode) for k, m in runnable.items()}
+    samples: dict[str, list[float]] = {k: [] for k in runnable}
+    for i in range(warmup + rounds):
+        for name, (timed, setup) in fns.items():
+            if setup is not None:
+                setup()
+            _sync(case.device)
+            start = time.perf_counter()
+            timed()
+            _sync(case.device)
+            if i >= warmup:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+            _clear_grads(runnable[name], case.x)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def time_gpu(case: Case, mode: str, rep_ms: int = 100) -> dict[str, float]:
+    """Median milliseconds per runnable variant with ``triton.testing.do_bench`` (events, L2 flushed)."""
+    from triton.testing import do_bench
+
+    out = {}
+    for name, module in case.variants.items():
+        if not isinstance(module, nn.Module):
+            continue
+        timed, setup = step_fn(module, case, mode)
+        if setup is None:
+            out[name] = do_bench(timed, rep=rep_ms, grad_to_none=[case.x, *module.parameters()])
+        else:  # backward alone: one fresh forward, then time backward with the graph kept
+            setup()
+            y = module(case.x)
+            out[name] = do_bench(lambda y=y: y.backward(case.grad, retain_graph=True), rep=rep_ms,
+                                 grad_to_none=[case.x, *module.parameters()])  # fmt: skip
+        _clear_grads(module, case.x)
+    return out
+
+
+def timing_rows(case: Case, mode: str, rounds: int) -> list[dict]:
+    """DESIGN §5 rows (ms, slowdown_vs_linear, speedup_vs_peft) for every variant of ``case``."""
+    ms = time_gpu(case, mode) if case.device.type == "cuda" else time_cpu_interleaved(case, mode, rounds)
+    rows = []
+    for name, module in case.variants.items():
+        if name not in ms:
+            rows.append(case.row(mode, name, unavailable=str(module)))
+            continue
+        row = case.row(mode, name, ms=ms[name])
+        if "linear" in ms:
+            row["slowdown_vs_linear"] = ms[name] / ms["linear"]
+        if "peft" in ms and name != "linear":
+            row["speedup_vs_peft"] = ms["peft"] / ms[name]
+        if "peft_compiled" in ms and name != "linear":
+            row["speedup_vs_peft_compiled"] = ms["peft_compiled"] / ms[name]
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Bytes autograd keeps for backward of ``module(x)``: ``(all, beyond x)``, parameters and buffers
+    excluded, each storage counted once."""
+    skip = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    x_storage = x.untyped_storage().data_ptr()
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)
+    del out
+    if not x.is_floating_point():  # token ids: nothing of x is saved beyond them
+        x_storage = None
+    total = sum(seen.values())
+    return total, total - seen.get(x_storage, 0)
+
+
+def peak_bytes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
+    """Peak CUDA memory of one forward+backward above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    module(x).backward(grad)
+    torch.cuda.synchronize()
+    _clear_grads(module, x)
+    return torch.cuda.max_memory_allocated() - base
+
+
+def memory_rows(case: Case, kept_r: int | None = None) -> list[dict]:
+    """saved_bytes (and peak_bytes on CUDA) of every runnable variant; ``kept_r``: ranks left by pruning."""
+    rows = []
+    for name, module in case.variants.items():
+        if not isinstance(module, nn.Module) or name == "peft_compiled":
+            continue
+        if kept_r is not None:
+            _prune(module, kept_r)
+        total, beyond_x = saved_bytes(module, case.x)
+        extra = {"budget_r": kept_r if kept_r is not None else case.r}
+        rows.append(case.row("saved_bytes", name, bytes=total, bytes_beyond_x=beyond_x, **extra))
+        if case.device.type == "cuda":
+            rows.append(case.row("peak_bytes", name, bytes=peak_bytes(module, case.x, case.grad), **extra))
+    return rows
+
+
+def _prune(module: nn.Module, kept_r: int) -> None:
+    with torch.no_grad():
+        if isinstance(module, AdaLoRALinear):
+            module.rank_mask[kept_r:] = False
+            module.lam[kept_r:] = 0
+        elif hasattr(module, "lora_E"):
+            module.lora_E["default"][kept_r:] = 0
+
+
+# --------------------------------------------------------------------------------------------- allocator
+
+
+class _Block(nn.Module):
+    def __init__(self, hidden: int, mlp: int, dtype, device):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        for name, (i, o) in {
+            "q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
+            "o_proj": (hidden, hidden), "gate_proj": (hidden, mlp), "up_proj": (hidden, mlp),
+            "down_proj": (mlp, hidden),
+        }.items():  # fmt: skip
+            setattr(self, name, nn.Linear(i, o, bias=False, **kw))
+
+
+MODULE_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def allocator_pair(blocks: int, hidden: int, mlp: int, init_r: int, dtype, device, backends: list[str]):
+    """A LLaMA-like adapter set (blocks × q,k,v,o,gate,up,down) under PEFT and under each of our backends,
+    with the same weights and gradients, each with its allocator at a masking step."""
+    import peft
+
+    torch.manual_seed(0)
+    base = nn.Sequential(*[_Block(hidden, mlp, dtype, device) for _ in range(blocks)])
+    cfg = peft.AdaLoraConfig(init_r=init_r, target_r=init_r // 2, total_step=1000, tinit=0, tfinal=0, deltaT=1,
+                             target_modules=MODULE_NAMES)  # fmt: skip
+    import copy
+
+    ours_base = copy.deepcopy(base)
+    pm = peft.get_peft_model(base, cfg)
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    for blk_i, blk in enumerate(ours_base):
+        for name in MODULE_NAMES:
+            svd = getattr(pm.base_model.model[blk_i], name)
+            layer = AdaLoRALinear.from_linear(getattr(blk, name), init_r=init_r)
+            with torch.no_grad():
+                for ours_p, peft_p in ((layer.P, svd.lora_B["default"]), (layer.lam, svd.lora_E["default"]),
+                                       (layer.Q, svd.lora_A["default"])):  # fmt: skip
+                    ours_p.copy_(peft_p.view(ours_p.shape))
+                    ours_p.grad = peft_p.grad.view(ours_p.shape).clone()
+            setattr(blk, name, layer)
+    allocators = {b: RankAllocator(ours_base, target_r=init_r // 2, total_step=1000, backend=b) for b in backends}
+    return pm, allocators
+
+
+def time_calls(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median ms of each callable, interleaved, after one warm-up round."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(rounds + 1):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if i:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def time_allocator_step(pm, allocators, rounds: int, device: torch.device) -> dict[str, float]:
+    """Median ms of one masking ``update_and_allocate`` (step 1 of a 1000-step run): PEFT vs ours."""
+    fns = {"peft": lambda: pm.base_model.update_and_allocate(1)}
+    fns |= {name: (lambda a=a: a.update_and_allocate(1)) for name, a in allocators.items()}
+    return time_calls(fns, rounds, device)
+
+
+def time_orth_reg(Ps, Qs, rounds: int, device: torch.device) -> dict[str, float]:
+    """Median ms of the regulariser's fwd+bwd: PEFT's one-norm-per-matrix loop vs ours, batched."""
+    from .modules import orthogonal_regularization_of
+
+    def per_matrix():
+        total = 0
+        for P in Ps:
+            total = total + torch.norm(P.T @ P - torch.eye(P.shape[1], device=P.device, dtype=P.dtype))
+        for Q in Qs:
+            total = total + torch.norm(Q @ Q.T - torch.eye(Q.shape[0], device=Q.device, dtype=Q.dtype))
+        return total / (len(Ps) + len(Qs))
+
+    fns = {"peft": lambda: per_matrix().backward(), "torch": lambda: orthogonal_regularization_of(Ps, Qs).backward()}
+    return time_calls(fns, rounds, device)
+
+
+# --------------------------------------------------------------------------------------------- a whole block
+
+
+def llama_block(dtype, device, quick: bool):
+    """A one-layer LLaMA model built from a config (no download): attention + MLP, our targets inside."""
+    from transformers import LlamaConfig, LlamaModel
+
+    hidden = 256 if quick else 1024
+    cfg = LlamaConfig(
+        hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=1, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=1000, max_position_embeddings=2048,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaModel(cfg).to(device=device, dtype=dtype)
+
+
+def _replace_linears(model: nn.Module, names: list[str], init_r: int, dropout: float, backend: str) -> None:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in names and isinstance(child, nn.Linear):
+                layer = AdaLoRALinear.from_linear(child, init_r=init_r, lora_dropout=dropout, backend=backend)
+                setattr(parent, name, layer)
+
+
+def block_memory_rows(dtype, dropout: float, device, quick: bool, init_r: int = 12) -> list[dict]:
+    """Bytes saved for backward by a whole LLaMA block, with PEFT's adapters and with each of our backends."""
+    import copy
+
+    import peft
+
+    base = llama_block(dtype, device, quick)
+    batch, seq = (2, 128) if quick else (4, 512)
+    ids = torch.randint(0, 1000, (batch, seq), device=device, generator=None)
+    variants: dict[str, nn.Module] = {}
+    cfg = peft.AdaLoraConfig(init_r=init_r, target_r=init_r, lora_dropout=dropout, target_modules=MODULE_NAMES,
+                             total_step=10)  # fmt: skip
+    variants["peft"] = peft.get_peft_model(copy.deepcopy(base), cfg)
+    for b in backend_names():
+        if unavailable_reason(b, torch.device(device)) is None:
+            ours = copy.deepcopy(base).requires_grad_(False)
+            _replace_linears(ours, MODULE_NAMES, init_r, dropout, b)
+            variants[b] = ours
+    hidden = base.config.hidden_size
+    rows = []
+    for name, model in variants.items():
+        model.train()
+        total, _ = saved_bytes(model, ids)
+        rows.append({
+            "op": "saved_bytes", "variant": name, "tokens": batch * seq, "in": hidden, "out": hidden, "r": init_r,
+            "dtype": str(dtype).removeprefix("torch."), "dropout": dropout, "bytes": total, "scope": "llama_block",
+        })  # fmt: skip
+    return rows

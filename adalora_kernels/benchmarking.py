@@ -340,13 +340,14 @@ def _prune(module: nn.Module, kept_r: int) -> None:
 class _Block(nn.Module):
     def __init__(self, hidden: int, mlp: int, dtype, device):
         super().__init__()
-        kw = {"dtype": dtype, "device": device}
+        kw = {"dtype": dtype, "device": device, "bias": False}
         for name, (i, o) in {
             "q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
             "o_proj": (hidden, hidden), "gate_proj": (hidden, mlp), "up_proj": (hidden, mlp),
             "down_proj": (mlp, hidden),
         }.items():  # fmt: skip
-            setattr(self, name, nn.Linear(i, o, bias=False, **kw))
+            # the allocator never reads the base weights: allocate them, do not initialise them
+            setattr(self, name, nn.utils.skip_init(nn.Linear, i, o, **kw))
 
 
 MODULE_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -359,26 +360,27 @@ def allocator_pair(blocks: int, hidden: int, mlp: int, init_r: int, dtype, devic
 
     torch.manual_seed(0)
     base = nn.Sequential(*[_Block(hidden, mlp, dtype, device) for _ in range(blocks)])
+    ours = nn.ModuleList()  # our layers share the base weights with PEFT's
+    for blk in base:
+        holder = nn.Module()
+        for name in MODULE_NAMES:
+            setattr(holder, name, AdaLoRALinear.from_linear(getattr(blk, name), init_r=init_r))
+        ours.append(holder)
     cfg = peft.AdaLoraConfig(init_r=init_r, target_r=init_r // 2, total_step=1000, tinit=0, tfinal=0, deltaT=1,
                              target_modules=MODULE_NAMES)  # fmt: skip
-    import copy
-
-    ours_base = copy.deepcopy(base)
     pm = peft.get_peft_model(base, cfg)
     for p in pm.parameters():
         if p.requires_grad:
             p.grad = torch.randn_like(p)
-    for blk_i, blk in enumerate(ours_base):
+    for blk_i, holder in enumerate(ours):
         for name in MODULE_NAMES:
-            svd = getattr(pm.base_model.model[blk_i], name)
-            layer = AdaLoRALinear.from_linear(getattr(blk, name), init_r=init_r)
+            svd, layer = getattr(pm.base_model.model[blk_i], name), getattr(holder, name)
             with torch.no_grad():
                 for ours_p, peft_p in ((layer.P, svd.lora_B["default"]), (layer.lam, svd.lora_E["default"]),
                                        (layer.Q, svd.lora_A["default"])):  # fmt: skip
                     ours_p.copy_(peft_p.view(ours_p.shape))
                     ours_p.grad = peft_p.grad.view(ours_p.shape).clone()
-            setattr(blk, name, layer)
-    allocators = {b: RankAllocator(ours_base, target_r=init_r // 2, total_step=1000, backend=b) for b in backends}
+    allocators = {b: RankAllocator(ours, target_r=init_r // 2, total_step=1000, backend=b) for b in backends}
     return pm, allocators
 
 

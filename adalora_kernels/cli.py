@@ -223,33 +223,34 @@ def _finish(args, rows: list[dict], command: str) -> dict:
     return result
 
 
+def _fmt(row: dict, key: str, spec: str = ".3f", scale: float = 1.0) -> str:
+    return format(row[key] / scale, spec) if row.get(key) is not None else ""
+
+
 def _print_table(rows: list[dict], command: str, device: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"adalora-kernels {command} on {device}")
     if command == "bench":
-        cols = ["op", "variant", "shape", "r", "dropout", "ms", "vs linear", "vs PEFT", "vs PEFT compiled"]
+        cols = ["op", "variant", "shape", "r", "dropout", "ms", "÷ linear", "PEFT ÷", "PEFT-compiled ÷"]
     else:
         cols = ["op", "variant", "shape", "r", "budget", "dropout", "MiB", "MiB beyond x", "PEFT ÷ ours"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("op", "variant", "shape") else "right")
     for row in rows:
-        shape = f"{row['tokens']}×{row['in']}×{row['out']}" if row["tokens"] else f"{row.get('layers', '')} layers"
+        shape = f"{row['tokens']}×{row['in']}×{row['out']}" if row["tokens"] else f"{row.get('layers')} layers"
+        head = [row["op"], row["variant"], shape, str(row["r"])]
         if "unavailable" in row:
-            table.add_row(row["op"], row["variant"], shape, str(row["r"]), "", f"[dim]{row['unavailable'][:70]}[/dim]")
-            continue
-        if command == "bench":
-            ratio = lambda k: f"{row[k]:.3f}" if k in row else ""
-            table.add_row(row["op"], row["variant"], shape, str(row["r"]), str(row["dropout"]), f"{row['ms']:.3f}",
-                          ratio("slowdown_vs_linear"), ratio("speedup_vs_peft"), ratio("speedup_vs_peft_compiled"))  # fmt: skip
+            table.add_row(*head, "", f"[dim]unavailable: {row['unavailable'][:60]}[/dim]")
+        elif command == "bench":
+            ratios = [_fmt(row, k) for k in ("slowdown_vs_linear", "speedup_vs_peft", "speedup_vs_peft_compiled")]
+            table.add_row(*head, str(row["dropout"]), _fmt(row, "ms"), *ratios)
         else:
-            mib = row["bytes"] / 2**20
-            beyond = row.get("bytes_beyond_x")
-            table.add_row(row["op"], row["variant"], shape, str(row["r"]), str(row.get("budget_r", "")),
-                          str(row["dropout"]), f"{mib:.2f}", "" if beyond is None else f"{beyond / 2**20:.3f}",
-                          f"{row['peft_over_ours_beyond_x']:.1f}×" if "peft_over_ours_beyond_x" in row else "")  # fmt: skip
-    Console().print(table)
+            budget = str(row.get("budget_r", ""))
+            mib = [_fmt(row, "bytes", ".2f", 2**20), _fmt(row, "bytes_beyond_x", ".3f", 2**20)]
+            table.add_row(*head, budget, str(row["dropout"]), *mib, _fmt(row, "peft_over_ours_beyond_x", ".1f"))
+    Console(width=max(Console().width, 150)).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,9 @@ def plot_rows(rows: list[dict], command: str, path: str, title: str = "") -> Non
         cases = sorted({(r["tokens"], r["in"], r["out"], r["r"], r["dropout"]) for r in timed})
         variants = sorted({r["variant"] for r in timed}, key=lambda v: (v != "linear", v))
         width = 0.8 / max(len(variants), 1)
+        by_key = {(r["variant"], r["tokens"], r["in"], r["out"], r["r"], r["dropout"]): r for r in timed}
         for j, variant in enumerate(variants):
-            values = [next((r["slowdown_vs_linear"] for r in timed if r["variant"] == variant
-                            and (r["tokens"], r["in"], r["out"], r["r"], r["dropout"]) == c), 0.0) for c in cases]  # fmt: skip
+            values = [by_key.get((variant, *c), {}).get("slowdown_vs_linear", 0.0) for c in cases]
             ax.bar([i + j * width for i in range(len(cases))], values, width, label=variant)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
         ax.set_xticklabels([f"{t}×{i}×{o}\nr={r} p={p}" for t, i, o, r, p in cases], fontsize=7)
@@ -28,10 +28,12 @@ def plot_rows(rows: list[dict], command: str, path: str, title: str = "") -> Non
         ax.set_ylabel(f"{op} time / frozen nn.Linear")
     else:
         saved = [r for r in rows if r["op"] == "saved_bytes" and r.get("scope") != "llama_block"]
+        saved = [r for r in saved if r["budget_r"] == r["r"]]  # unpruned
         for variant in sorted({r["variant"] for r in saved}):
             for p in sorted({r["dropout"] for r in saved}):
-                pts = sorted((r["r"], r["bytes"] / 2**20) for r in saved
-                             if r["variant"] == variant and r["dropout"] == p and r["budget_r"] == r["r"])  # fmt: skip
+                pts = sorted(
+                    (r["r"], r["bytes"] / 2**20) for r in saved if r["variant"] == variant and r["dropout"] == p
+                )
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=f"{variant}, dropout {p}")
         ax.set_xscale("log", base=2)

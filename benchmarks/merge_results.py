@@ -39,11 +39,12 @@ def main(directory: str, *names: str) -> Path | None:
             continue
         shape = f"{row['tokens']}×{row['in']}×{row['out']}"
 
-        def ratio(key, row=row):
-            return f"{row[key]:.3f}" if key in row else ""
-
-        print(f"{row['op']:<15}{row['variant']:<15}{shape:<18}{row['r']:>4}{row['dropout']:>5}{row['ms']:>9.3f}"
-              f"{ratio('slowdown_vs_linear'):>9}{ratio('speedup_vs_peft'):>8}{ratio('speedup_vs_peft_compiled'):>8}")  # fmt: skip
+        lin, peft, peftc = (
+            f"{row[k]:.3f}" if k in row else ""
+            for k in ("slowdown_vs_linear", "speedup_vs_peft", "speedup_vs_peft_compiled")
+        )
+        head = f"{row['op']:<15}{row['variant']:<15}{shape:<18}{row['r']:>4}{row['dropout']:>5}{row['ms']:>9.3f}"
+        print(f"{head}{lin:>9}{peft:>8}{peftc:>8}")
     print(f"written: {out}")
     return out
 

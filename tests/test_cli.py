@@ -1,0 +1,99 @@
+"""``adalora-kernels bench|memory``: parsing, bad input, a tiny real run, and the DESIGN §5 JSON schema."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("peft")
+
+from adalora_kernels import benchmarking as bm
+from adalora_kernels.cli import main, make_parser
+
+OPS = {"fwd", "bwd", "fwd_bwd", "allocator_step", "orth_reg", "saved_bytes", "peak_bytes"}
+VARIANTS = {"linear", "peft", "peft_compiled", "torch", "triton", "csrc"}
+REQUIRED = {"op", "variant", "tokens", "in", "out", "r", "dtype", "dropout"}
+
+
+def check_schema(path):
+    data = json.loads(path.read_text())
+    for key in ("device", "torch", "triton", "commit", "date", "rows"):
+        assert key in data, key
+    assert data["rows"]
+    for row in data["rows"]:
+        assert set(row) >= REQUIRED, row
+        assert row["op"] in OPS and row["variant"] in VARIANTS, row
+        assert ("ms" in row) or ("bytes" in row) or ("unavailable" in row), row
+    return data
+
+
+def test_help_explains_itself():
+    out = subprocess.run([sys.executable, "-m", "adalora_kernels", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "bench" in out.stdout and "memory" in out.stdout
+    sub = subprocess.run([sys.executable, "-m", "adalora_kernels", "bench", "--help"], capture_output=True, text=True)
+    assert "--shape" in sub.stdout and "--preset" in sub.stdout and "--quick" in sub.stdout
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--preset", "gpt-9"], "unknown preset 'gpt-9'; valid: cpu-small, llama-7b, llama3-8b, llama-70b"),
+        (["bench", "--variants", "nope"], "unknown variant 'nope'; valid: linear, peft, peft_compiled, torch"),
+        (["bench", "--dtype", "int8"], "unknown dtype 'int8'; valid: float32, float16, bfloat16, float64"),
+        (["bench", "--device", "tpu"], "unknown device 'tpu'; valid: cpu, cuda, cuda:N"),
+        (["memory", "--shape", "1,2"], "--shape: expected tokens,in,out"),
+        (["bench", "--modes", "sideways"], "unknown mode 'sideways'; valid: fwd, bwd, fwd_bwd"),
+    ],
+)
+def test_bad_arguments_list_the_valid_ones(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bm.torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cuda_asked_without_cuda(capsys):
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["bench", "--device", "cuda"])
+    assert "torch sees no CUDA device; valid here: cpu" in capsys.readouterr().err
+
+
+def test_shape_that_cannot_fit_is_refused_before_allocating(capsys):
+    assert main(["bench", "--shape", "10000000,100000,100000", "--no-allocator"]) == 2
+    assert "choose a smaller --tokens or preset" in capsys.readouterr().err
+
+
+def test_tiny_bench_run_writes_json_csv_plot(tmp_path):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--shape", "64,32,48", "--rank", "4", "--dropout", "0", "0.1", "--rounds", "2", "--no-allocator",
+            "--json", str(out), "--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path / "b.png")]  # fmt: skip
+    assert main(argv) == 0
+    data = check_schema(out)
+    rows = [r for r in data["rows"] if r["op"] == "fwd_bwd" and "ms" in r]
+    assert {r["variant"] for r in rows} >= {"linear", "peft", "peft_compiled", "torch"}
+    for r in rows:
+        assert r["ms"] > 0 and r["slowdown_vs_linear"] > 0
+    assert {r["op"] for r in data["rows"]} == {"fwd", "bwd", "fwd_bwd"}
+    assert (tmp_path / "b.png").stat().st_size > 1000 and (tmp_path / "b.csv").read_text().startswith("dropout")
+    assert all("unavailable" in r for r in data["rows"] if r["variant"] == "triton" and "ms" not in r)
+
+
+def test_allocator_rows(tmp_path):
+    out = tmp_path / "a.json"
+    assert (
+        main(["bench", "--quick", "--modes", "fwd", "--variants", "linear", "--dropout", "0", "--json", str(out)]) == 0
+    )
+    rows = {(r["op"], r["variant"]): r for r in check_schema(out)["rows"]}
+    assert rows[("allocator_step", "torch")]["speedup_vs_peft"] > 0 and rows[("orth_reg", "torch")]["ms"] > 0
+
+
+def test_tiny_memory_run(tmp_path):
+    out = tmp_path / "m.json"
+    argv = ["memory", "--shape", "128,64,64", "--rank", "4", "16", "--dropout", "0", "0.1", "--no-block",
+            "--json", str(out), "--plot", str(tmp_path / "m.png")]  # fmt: skip
+    assert main(argv) == 0
+    rows = check_schema(out)["rows"]
+    ours = [r for r in rows if r["variant"] == "torch" and r["dropout"] == 0.1]
+    assert ours and all(r["peft_over_ours_beyond_x"] >= 5 for r in ours)  # the memory target, measured
+    assert {r["budget_r"] for r in rows if r["r"] == 16} == {16, 4}  # a pruned budget too

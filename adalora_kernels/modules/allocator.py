@@ -103,6 +103,7 @@ class RankAllocator:
         self.reset_ipt()
         self._keep: Tensor | None = None  # last mask over all triplets (device), PEFT's rank_pattern
         self._final = False
+        self.masked_last_step = False  # whether the last update_and_allocate computed a new mask
 
     # ---------------------------------------------------------------------------------------- state
 
@@ -176,6 +177,7 @@ class RankAllocator:
         """One step of PEFT's ``update_and_allocate``; returns the budget (triplets kept over all layers)."""
         final_step = self.total_step - self.tfinal
         budget, mask_now = self.budget_schedule(global_step)
+        self.masked_last_step = global_step == final_step or (global_step < final_step and mask_now)
         if global_step < final_step:
             params = [(t.P, t.lam.view(-1), t.Q) for t in self.triplets]
             grads = [(g[0], g[1].view(-1), g[2]) for g in self._grads()]

@@ -10,12 +10,22 @@ from ..ops import adalora_linear
 from ..reference import effective_lam, peft_scaling
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and friends): a linear layer whose weight is stored (in, out)."""
+    return (
+        type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+    )
+
+
 class AdaLoRALinear(nn.Module):
     """``y = x Wᵀ + b + s · ((drop(x) Qᵀ) ⊙ (λ ⊙ m)) Pᵀ`` with W and b frozen (PEFT's ``SVDLinear``).
 
     ``P`` (out, r) is PEFT's ``lora_B``, ``lam`` (r,) its ``lora_E``, ``Q`` (r, in) its ``lora_A``;
-    ``rank_mask`` (r,) is the rank pattern the allocator froze (all true until then).
+    ``rank_mask`` (r,) is the rank pattern the allocator froze (all true until then). ``fan_in_fan_out``:
+    the shared base weight is stored (in, out), as in transformers' ``Conv1D`` (GPT-2).
     """
+
+    fan_in_fan_out = False
 
     def __init__(
         self,
@@ -41,19 +51,24 @@ class AdaLoRALinear(nn.Module):
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         *,
         init_r: int = 12,
         lora_alpha: float = 8,
         lora_dropout: float = 0.0,
         backend: str | None = None,
     ) -> AdaLoRALinear:
-        """Wrap ``linear``: its weight and bias are shared (not copied) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        """Wrap ``linear`` (an ``nn.Linear`` or transformers' ``Conv1D``): its weight and bias are shared (not
+        copied) and frozen."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        if isinstance(linear, nn.Linear):
+            layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        elif is_conv1d(linear):
+            layer.in_features, layer.out_features = linear.weight.shape
+            layer.fan_in_fan_out = True
+        else:
+            raise TypeError(f"linear: expected an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
         layer.weight = linear.weight.requires_grad_(False)
         layer.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
         layer._init_adapter(init_r, lora_alpha, lora_dropout, backend)
@@ -85,14 +100,28 @@ class AdaLoRALinear(nn.Module):
 
     @property
     def r(self) -> int:
-        return self.init_r
+        """The current rank (``init_r`` until ``keep_ranks`` drops pruned ones; ``init_r`` keeps the scale)."""
+        return self.lam.numel()
+
+    @torch.no_grad()
+    def keep_ranks(self, keep: Tensor | None = None) -> None:
+        """Drop the ranks not in ``keep`` (default: ``rank_mask``) from P, λ, Q, keeping ``scaling``: for
+        inference and for PEFT's resized checkpoints (PEFT keeps ``ranknum`` = init_r the same way)."""
+        keep = (self.rank_mask if keep is None else keep).to(device=self.lam.device, dtype=torch.bool)
+        if keep.shape != self.lam.shape:
+            raise ValueError(f"keep: expected a bool tensor of shape {tuple(self.lam.shape)}, got {tuple(keep.shape)}")
+        requires_grad = self.lam.requires_grad
+        self.P = nn.Parameter(self.P[:, keep].clone(), requires_grad=requires_grad)
+        self.lam = nn.Parameter(self.lam[keep].clone(), requires_grad=requires_grad)
+        self.Q = nn.Parameter(self.Q[keep].clone(), requires_grad=requires_grad)
+        self.rank_mask = self.rank_mask[keep].clone()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)
         return adalora_linear(
             x,
-            self.weight,
+            self.weight.T if self.fan_in_fan_out else self.weight,
             self.bias,
             self.P,
             self.lam,
@@ -108,12 +137,16 @@ class AdaLoRALinear(nn.Module):
         """The adapter as a dense ``(out, in)`` matrix: ``s · P diag(λ ⊙ m) Q``."""
         return self.P @ (effective_lam(self.lam, self.rank_mask, self.scaling)[:, None] * self.Q)
 
+    def _delta_in_weight_layout(self) -> Tensor:
+        delta = self.delta_weight().to(self.weight.dtype)
+        return delta.T if self.fan_in_fan_out else delta
+
     @torch.no_grad()
     def merge(self) -> None:
         """Add the adapter into the (shared) base weight; forward then runs the base layer alone."""
         if self.merged:
             raise RuntimeError("AdaLoRALinear.merge: the adapter is already merged")
-        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.weight.add_(self._delta_in_weight_layout())
         self.merged = True
 
     @torch.no_grad()
@@ -121,13 +154,14 @@ class AdaLoRALinear(nn.Module):
         """Subtract the adapter from the base weight again."""
         if not self.merged:
             raise RuntimeError("AdaLoRALinear.unmerge: the adapter is not merged")
-        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self.weight.sub_(self._delta_in_weight_layout())
         self.merged = False
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, "
-            f"init_r={self.init_r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+            f"init_r={self.init_r}, r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
             f"scaling={self.scaling:.6g}, merged={self.merged}, backend={self.backend or 'auto'}"
+            + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
         )

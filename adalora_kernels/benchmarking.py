@@ -19,6 +19,7 @@ from datetime import date
 import torch
 from torch import nn
 
+from .integrations import inject_adalora
 from .kernels import backend_names, unavailable_reason
 from .modules import AdaLoRALinear, RankAllocator
 
@@ -38,6 +39,19 @@ DEFAULT_TOKENS = {"cpu": 2048, "cuda": 8192}
 
 def all_variants() -> list[str]:
     return [*BASELINES, *backend_names()]
+
+
+def measurable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot be measured on ``device`` (``None`` if it can): it cannot run there, or it
+    only runs through the Triton interpreter, whose timings and launches mean nothing."""
+    reason = unavailable_reason(backend, device)
+    if reason is None and backend == "triton" and device.type != "cuda":
+        return "Triton runs on the CPU only through its interpreter: not measured"
+    return reason
+
+
+def measurable_backends(device: torch.device) -> list[str]:
+    return [b for b in backend_names() if measurable_reason(b, device) is None]
 
 
 # --------------------------------------------------------------------------------------------- environment
@@ -168,7 +182,7 @@ def make_case(
             else:
                 built[name] = torch.compile(peft_layer)
         else:
-            reason = unavailable_reason(name, device)
+            reason = measurable_reason(name, device)
             if reason is not None:
                 built[name] = reason
                 continue
@@ -437,14 +451,6 @@ def llama_block(dtype, device, quick: bool):
     return LlamaModel(cfg).to(device=device, dtype=dtype)
 
 
-def _replace_linears(model: nn.Module, names: list[str], init_r: int, dropout: float, backend: str) -> None:
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if name in names and isinstance(child, nn.Linear):
-                layer = AdaLoRALinear.from_linear(child, init_r=init_r, lora_dropout=dropout, backend=backend)
-                setattr(parent, name, layer)
-
-
 def block_memory_rows(dtype, dropout: float, device, quick: bool, init_r: int = 12) -> list[dict]:
     """Bytes saved for backward by a whole LLaMA block, with PEFT's adapters and with each of our backends."""
     import copy
@@ -458,11 +464,10 @@ def block_memory_rows(dtype, dropout: float, device, quick: bool, init_r: int = 
     cfg = peft.AdaLoraConfig(init_r=init_r, target_r=init_r, lora_dropout=dropout, target_modules=MODULE_NAMES,
                              total_step=10)  # fmt: skip
     variants["peft"] = peft.get_peft_model(copy.deepcopy(base), cfg)
-    for b in backend_names():
-        if unavailable_reason(b, torch.device(device)) is None:
-            ours = copy.deepcopy(base).requires_grad_(False)
-            _replace_linears(ours, MODULE_NAMES, init_r, dropout, b)
-            variants[b] = ours
+    for b in measurable_backends(torch.device(device)):
+        ours = copy.deepcopy(base).requires_grad_(False)
+        inject_adalora(ours, MODULE_NAMES, init_r=init_r, lora_dropout=dropout, backend=b)
+        variants[b] = ours
     hidden = base.config.hidden_size
     rows = []
     for name, model in variants.items():

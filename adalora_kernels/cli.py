@@ -141,7 +141,7 @@ def allocator_rows(args) -> list[dict]:
     on_gpu = args.device.type == "cuda"
     hidden = 4096 if on_gpu else (QUICK_BENCH["hidden"] if args.quick else 512)
     mlp, blocks, init_r = int(hidden * 2.6875), 32, 12
-    backends = [b for b in bm.backend_names() if bm.unavailable_reason(b, args.device) is None]
+    backends = bm.measurable_backends(args.device)
     dtype = torch.float32
     pm, allocators = bm.allocator_pair(blocks, hidden, mlp, init_r, dtype, args.device, backends)
     rounds = 10 if args.quick else 20

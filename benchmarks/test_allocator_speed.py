@@ -12,7 +12,7 @@ HIDDEN = 4096 if DEVICE.type == "cuda" else 512
 
 @pytest.fixture(scope="module")
 def pair():
-    backends = [b for b in bm.backend_names() if bm.unavailable_reason(b, DEVICE) is None]
+    backends = bm.measurable_backends(DEVICE)
     return bm.allocator_pair(32, HIDDEN, int(HIDDEN * 2.6875), 12, torch.float32, DEVICE, backends)
 
 

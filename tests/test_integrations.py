@@ -69,8 +69,8 @@ def test_inject_shares_weights_freezes_and_keeps_outputs(factory, targets):
 def test_inject_gpt2_matches_peft():
     """GPT-2's Conv1D (weight stored (in, out)): ours equals PEFT's fan_in_fan_out SVDLinear, logits and grads."""
     base = gpt2()
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
-                                                                      target_modules=GPT2_TARGETS, lora_alpha=16))  # fmt: skip
+    cfg = peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=GPT2_TARGETS, lora_alpha=16)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
     randomize_lams(pm)
     ours = copy.deepcopy(base)
     ak.inject_adalora(ours, GPT2_TARGETS, init_r=4, lora_alpha=16)

@@ -183,10 +183,16 @@ def adalora_linear(
     """``y = x Wᵀ + b + s · ((drop(x) Qᵀ) ⊙ (λ ⊙ m)) Pᵀ`` with the adapter fused into the base layer.
 
     Shapes: x ``(..., in)``, weight ``(out, in)``, P ``(out, r)``, lam ``(r,)``, Q ``(r, in)``,
-    all of one dtype and device (nothing is cast). Dropout (training only) is inverted dropout on the adapter
+    all of one dtype and device (nothing is cast, except to the autocast dtype inside ``torch.autocast``, as
+    ``F.linear``). Dropout (training only) is inverted dropout on the adapter
     input, its mask drawn from ``seed`` (from torch's generator when ``None``) and regenerated in backward.
     ``backend``: ``None``/``"auto"``, ``"torch"``, ``"triton"`` or ``"csrc"``.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # as autocast does for F.linear: compute in the autocast dtype, grads flow back through the casts
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, P, lam, Q = (t.to(dtype) if isinstance(t, Tensor) else t for t in (x, weight, P, lam, Q))
+        bias = bias.to(dtype) if isinstance(bias, Tensor) else bias
     _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling)
     p = float(dropout_p) if training else 0.0
     seed_t = _seed_tensor(seed) if (p > 0.0 or seed is not None) else torch.zeros((), dtype=torch.int64)

@@ -1,9 +1,51 @@
-"""Build script. The package is pure Python unless the optional native extension is requested.
+"""Build script: the package is pure Python; the C++/CUDA extension in ``csrc/`` is optional.
 
-The C++/CUDA extension in ``csrc/`` is optional: set ``ADALORA_KERNELS_BUILD_EXT=0`` to skip it and
-``=1`` to force it. Without a compiler the package still installs and works (torch/Triton backends).
+``ADALORA_KERNELS_BUILD_EXT``: ``auto`` (default: build when torch is importable at build time and a C++
+compiler is present), ``1`` (build or fail), ``0`` (skip). ``ADALORA_KERNELS_BUILD_CUDA``: ``auto`` (build the
+CUDA part where torch is a CUDA build and a CUDA toolkit is found), ``1``, ``0``. ``TORCH_CUDA_ARCH_LIST`` and
+``MAX_JOBS`` are honoured (torch.utils.cpp_extension). torch must be importable by the build: use
+``pip install --no-build-isolation``, as for other torch extensions; without it the package installs
+without the extension and works on its torch/Triton backends.
 """
+
+import os
+import shutil
+import sys
+from glob import glob
 
 from setuptools import setup
 
-setup()
+
+def _native_build():
+    mode = os.environ.get("ADALORA_KERNELS_BUILD_EXT", "auto")
+    if mode == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        if mode == "1":
+            raise
+        print("adalora_kernels: torch not importable at build time; skipping the native extension", file=sys.stderr)
+        return [], {}
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        if mode == "1":
+            raise RuntimeError("ADALORA_KERNELS_BUILD_EXT=1 but no C++ compiler was found")
+        print("adalora_kernels: no C++ compiler; skipping the native extension", file=sys.stderr)
+        return [], {}
+    cuda_mode = os.environ.get("ADALORA_KERNELS_BUILD_CUDA", "auto")
+    with_cuda = cuda_mode == "1" or (cuda_mode == "auto" and torch.version.cuda is not None and CUDA_HOME is not None)
+    sources = ["csrc/adalora_kernels.cpp", *sorted(glob("csrc/cpu/*.cpp"))]
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    kwargs = {"extra_compile_args": {"cxx": cxx}, "extra_link_args": ["-fopenmp"]}
+    if with_cuda:
+        sources += sorted(glob("csrc/cuda/*.cpp")) + sorted(glob("csrc/cuda/*.cu"))
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--fmad=false"]
+        ext = CUDAExtension("adalora_kernels._C", sources, **kwargs)
+    else:
+        ext = CppExtension("adalora_kernels._C", sources, **kwargs)
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = _native_build()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -15,4 +15,7 @@ fi
 extras="${1:-}"
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-python -m pip install -q -e "$spec"
+# the native extension (csrc/) builds against the installed torch: no build isolation, as for other torch
+# extensions; where there is no compiler it is skipped and the package still works (torch/Triton backends)
+python -m pip install -q "setuptools>=64" wheel
+python -m pip install -q --no-build-isolation -e "$spec"

@@ -203,28 +203,28 @@ def _adapter_set(dtype, shapes=((16, 6, 24), (40, 6, 8), (3, 6, 130), (16, 6, 8)
     return params, grads
 
 
-@pytest.mark.skipif("triton" not in runnable_backends(), reason="Triton cannot run here")
+@pytest.mark.parametrize("backend", [b for b in runnable_backends() if b != "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_triton_sensitivity_kernel_matches_torch(dtype):
+def test_fused_sensitivity_update_matches_torch(backend, dtype):
     from adalora_kernels.kernels.layout import FlatLayout
     from adalora_kernels.ops.sensitivity import sensitivity_update
 
     params, grads = _adapter_set(dtype)
     layout = FlatLayout([(P.shape[0], lam.numel(), Q.shape[1]) for P, lam, Q in params], dtype, torch.device("cpu"))
-    state = {b: (layout.zeros(), layout.zeros()) for b in ("torch", "triton")}
+    state = {b: (layout.zeros(), layout.zeros()) for b in ("torch", backend)}
     for _ in range(3):
         scores = {b: sensitivity_update(layout, params, grads, *state[b], 0.85, 0.7, backend=b) for b in state}
         tol = {"rtol": 1e-6, "atol": 0} if dtype == torch.float32 else {"rtol": 1e-13, "atol": 0}
-        torch.testing.assert_close(scores["triton"], scores["torch"], **tol)
-        for a, b in zip(state["triton"], state["torch"]):
+        torch.testing.assert_close(scores[backend], scores["torch"], **tol)
+        for a, b in zip(state[backend], state["torch"]):
             assert torch.equal(a, b)  # elementwise EMAs: bit for bit
         grads = [tuple(g * 0.5 + 0.1 for g in t) for t in grads]
 
 
-@pytest.mark.skipif("triton" not in runnable_backends(), reason="Triton cannot run here")
-def test_triton_allocator_run_matches_torch_run():
+@pytest.mark.parametrize("fused", [b for b in runnable_backends() if b != "torch"])
+def test_fused_allocator_run_matches_torch_run(fused):
     runs = {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", fused):
         pm, ours, alloc = build_pair(6, 2, 24, 2, 6, 2, backend=backend)
         gen = torch.Generator().manual_seed(5)
         trace = []
@@ -238,6 +238,6 @@ def test_triton_allocator_run_matches_torch_run():
                 )
             )
         runs[backend] = trace
-    for (b1, p1, l1), (b2, p2, l2) in zip(runs["torch"], runs["triton"]):
+    for (b1, p1, l1), (b2, p2, l2) in zip(runs["torch"], runs[fused]):
         assert b1 == b2 and p1 == p2
         assert all(torch.equal(x, y) for x, y in zip(l1, l2))

@@ -21,6 +21,7 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
     return AUTO_ORDER.get(device.type, DEFAULT_ORDER)
 
 
+@torch.compiler.assume_constant_result  # traced as a constant: evaluated once, eagerly, under torch.compile
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The name of the backend to run on ``device``."""
     name = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")

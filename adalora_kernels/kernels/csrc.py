@@ -1,0 +1,54 @@
+"""The csrc backend: the C++ (CPU) and CUDA ops of ``csrc/``, registered as ``torch.ops.adalora_kernels.csrc_*``.
+
+Importing this module loads the extension; a missing or broken build makes the import fail, which the
+backend registry logs once and auto selection skips.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _C  # noqa: F401  (registers the ops)
+from .layout import FlatLayout
+from .torch_composite import mask_lams, triplet_scores
+
+__all__ = [
+    "dropout_keep_mask",
+    "linear_backward",
+    "linear_forward",
+    "mask_lams",
+    "sensitivity_update",
+    "triplet_scores",
+]
+
+_ops = torch.ops.adalora_kernels
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("adalora_kernels::csrc_linear_fwd", key):
+        return f"the native extension was built without {device.type} kernels"
+    return None
+
+
+def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> Tensor:
+    return _ops.csrc_dropout_keep_mask(torch.empty(0, device=device), shape[0], shape[1], dropout_p, seed)
+
+
+def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
+    return _ops.csrc_linear_fwd(x2, weight, bias, P, lam_eff, Q, dropout_p, seed)
+
+
+def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter):
+    dx, dP, dlam, dQ = _ops.csrc_linear_bwd(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter)
+    return (dx if need_dx else None, *((v if need_adapter else None) for v in (dP, dlam, dQ)))
+
+
+def sensitivity_update(layout: FlatLayout, params, grads, ema_ipt, ema_unc, beta1: float, beta2: float) -> Tensor:
+    flat = [t for triple in params for t in triple]
+    ipt_views = [t for triple in layout.views(ema_ipt) for t in triple]
+    unc_views = [t for triple in layout.views(ema_unc) for t in triple]
+    return _ops.csrc_sensitivity_update(
+        flat, [g for triple in grads for g in triple], ipt_views, unc_views, beta1, beta2
+    )

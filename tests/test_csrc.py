@@ -1,0 +1,62 @@
+"""The native (csrc) backend: its TORCH_CHECKs and its dropout mask (the maths is in the shared tests)."""
+
+import pytest
+import torch
+from helpers import DEVICE, keep_mask, runnable_backends
+
+if "csrc" not in runnable_backends():
+    pytest.skip("the native extension is not built here", allow_module_level=True)
+
+ops = torch.ops.adalora_kernels
+
+
+def args(**over):
+    x = torch.randn(5, 8, device=DEVICE)
+    base = {"x": x, "weight": torch.randn(6, 8, device=DEVICE), "bias": None, "P": torch.randn(6, 3, device=DEVICE),
+            "lam": torch.randn(3, device=DEVICE), "Q": torch.randn(3, 8, device=DEVICE), "p": 0.1, "seed": 1}  # fmt: skip
+    base.update(over)
+    return list(base.values())
+
+
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        ({"x": torch.randn(5, 8, 1)}, r"csrc_linear_fwd: x must be 2-D \(rows, in_features\)"),
+        ({"weight": torch.randn(6, 7)}, r"weight must be \(out_features, 8\) to match x"),
+        ({"P": torch.randn(6, 4)}, r"P must be \(6, 3\)"),
+        ({"Q": torch.randn(3, 9)}, r"Q must be \(3, 8\)"),
+        ({"lam": torch.randn(3, 1)}, r"lam_eff must be 1-D \(r,\)"),
+        ({"P": torch.randn(6, 3, dtype=torch.float64)}, r"every input must have x's dtype Float, got Double"),
+        ({"p": 1.0}, r"dropout_p must be in \[0, 1\)"),
+    ],
+)
+def test_forward_checks(over, message):
+    with pytest.raises(RuntimeError, match=message):
+        ops.csrc_linear_fwd(*args(**{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in over.items()}))
+
+
+def test_backward_and_sensitivity_checks():
+    x, w, _, P, lam, Q, p, seed = args()
+    t = torch.randn(5, 3, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"csrc_linear_bwd: grad must be \(5, 6\)"):
+        ops.csrc_linear_bwd(torch.randn(5, 7, device=DEVICE), x, w, P, lam, Q, t, p, seed, True, True)
+    with pytest.raises(RuntimeError, match=r"csrc_linear_bwd: t must be \(5, 3\)"):
+        ops.csrc_linear_bwd(torch.randn(5, 6, device=DEVICE), x, w, P, lam, Q, t[:, :2], p, seed, True, True)
+    triple = [P, lam, Q]
+    with pytest.raises(RuntimeError, match=r"expected \(P, lam, Q\) triples"):
+        ops.csrc_sensitivity_update(triple[:2], triple[:2], triple[:2], triple[:2], 0.85, 0.85)
+    with pytest.raises(RuntimeError, match="must be a contiguous"):
+        ops.csrc_sensitivity_update(triple, triple, [P, lam, Q.T.contiguous().T], triple, 0.85, 0.85)
+    with pytest.raises(RuntimeError, match=r"beta1 and beta2 must be in \(0, 1\)"):
+        ops.csrc_sensitivity_update(triple, triple, triple, triple, 1.0, 0.85)
+
+
+def test_mask_rate_independence_and_determinism():
+    keep = keep_mask("csrc", (512, 512), 0.3, 5)
+    assert abs(keep.float().mean().item() - 0.7) < 0.01
+    assert keep.float().mean(0).std() < 0.05 and keep.float().mean(1).std() < 0.05
+    assert torch.equal(keep, keep_mask("csrc", (512, 512), 0.3, 5))
+    assert not torch.equal(keep, keep_mask("csrc", (512, 512), 0.3, 6))
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
+    # the mask of a row depends on the row, not on how many rows there are
+    assert torch.equal(keep_mask("csrc", (70, 512), 0.3, 5), keep[:70])

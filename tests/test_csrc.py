@@ -12,8 +12,9 @@ ops = torch.ops.adalora_kernels
 
 def args(**over):
     x = torch.randn(5, 8, device=DEVICE)
-    base = {"x": x, "weight": torch.randn(6, 8, device=DEVICE), "bias": None, "P": torch.randn(6, 3, device=DEVICE),
-            "lam": torch.randn(3, device=DEVICE), "Q": torch.randn(3, 8, device=DEVICE), "p": 0.1, "seed": 1}  # fmt: skip
+    shapes = {"weight": (6, 8), "P": (6, 3), "lam": (3,), "Q": (3, 8)}
+    base = {"x": x, "bias": None} | {k: torch.randn(s, device=DEVICE) for k, s in shapes.items()}
+    base = {k: base[k] for k in ("x", "weight", "bias", "P", "lam", "Q")} | {"p": 0.1, "seed": 1}
     base.update(over)
     return list(base.values())
 

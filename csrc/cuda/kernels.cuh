@@ -1,0 +1,43 @@
+// Launchers of the csrc backend's CUDA kernels. No torch headers: raw pointers, strides and a stream, so
+// the .cu files compile with plain nvcc. Each launcher returns the launch's cudaError_t for the caller to check.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace adalora_kernels {
+namespace cuda {
+
+// t (M x R, contiguous) = drop(x) Q^T * scale; x strided (sxm, sxk), Q (R x K) contiguous; R <= 128.
+// threshold 0 means no dropout.
+template <typename T>
+cudaError_t shrink_dropout(const T* x, int64_t sxm, int64_t sxk, const T* q, T* t, int64_t M, int64_t K, int R,
+                           uint64_t seed, uint32_t threshold, double scale, cudaStream_t stream);
+
+// u = dt * lam (acc type), dlam_acc[r] += sum_m dt[m, r] * t[m, r]; dt, t (M x R) and lam (R) contiguous
+template <typename T, typename A>
+cudaError_t u_and_dlam(const T* dt, const T* t, const T* lam, A* u, A* dlam_acc, int64_t M, int R,
+                       cudaStream_t stream);
+
+// dx (M x K, contiguous) += drop'(u Q) * scale
+template <typename T, typename A>
+cudaError_t masked_adapter_dx(T* dx, const A* u, const T* q, int64_t M, int64_t K, int R, uint64_t seed,
+                              uint32_t threshold, double scale, cudaStream_t stream);
+
+// dq_acc (R x K, zeroed) += u^T drop(x), without the 1/(1-p) scale
+template <typename T, typename A>
+cudaError_t dq_accumulate(const T* x, int64_t sxm, int64_t sxk, const A* u, A* dq_acc, int64_t M, int64_t K, int R,
+                          uint64_t seed, uint32_t threshold, cudaStream_t stream);
+
+// out (rows x cols) = the keep-mask the kernels above apply
+cudaError_t keep_mask(bool* out, int64_t rows, int64_t cols, uint64_t seed, uint32_t threshold, cudaStream_t stream);
+
+// PEFT's sensitivity EMAs and the triplet scores of every layer in one launch. table: 16 int64 per layer
+// (pointers to P, dP, Ibar_P, Ubar_P, Q, dQ, Ibar_Q, Ubar_Q, lam, dlam, Ibar_lam, Ubar_lam; out, in, r, 0),
+// tri_layer / tri_rank: the layer and the rank of each triplet; coef: beta1, 1-beta1, beta2, 1-beta2.
+template <typename T>
+cudaError_t sensitivity_update(const int64_t* table, const int32_t* tri_layer, const int32_t* tri_rank,
+                               const T* coef, T* scores, int64_t triplets, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace adalora_kernels

@@ -1,0 +1,49 @@
+"""Worker of tests/test_distributed.py: AdaLoRA training under DDP (gloo, CPU), or in one process."""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import adalora_kernels as ak
+
+STEPS, TOTAL = 10, 8
+
+
+def model():
+    torch.manual_seed(0)
+    net = nn.Sequential(ak.AdaLoRALinear(16, 32, init_r=4), nn.Tanh(), ak.AdaLoRALinear(32, 8, init_r=4))
+    for layer in (net[0], net[2]):
+        nn.init.normal_(layer.lam)
+    return net
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)) for _ in range(STEPS)]
+
+
+def train(net, batches, rank=0, world=1):
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    layers = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+    alloc = ak.RankAllocator(layers, target_r=2, total_step=TOTAL, tinit=1, tfinal=2, deltaT=1)
+    for step, (x, y) in enumerate(batches):
+        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        loss = (net(x[rows]) - y[rows]).square().mean()
+        loss.backward()
+        opt.step()
+        alloc.update_and_allocate(step)
+        opt.zero_grad()
+    return {"lam": [layers[0].lam.detach().clone(), layers[2].lam.detach().clone()], "pattern": alloc.rank_pattern}
+
+
+def ddp_worker(rank, world, port, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        net = nn.parallel.DistributedDataParallel(model())
+        result = train(net, data(), rank, world)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, result)
+        if rank == 0:
+            torch.save(gathered, out_path)
+    finally:
+        dist.destroy_process_group()

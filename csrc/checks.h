@@ -25,4 +25,37 @@ inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
 }
 
+// The (P, lam, Q) triples of params, grads and both EMAs of csrc_sensitivity_update: one dtype (float32 or
+// float64), one device, contiguous, each shaped like its parameter. Returns the dtype.
+inline at::ScalarType check_sensitivity_inputs(at::TensorList params, at::TensorList grads, at::TensorList ema_ipt,
+                                               at::TensorList ema_unc, double beta1, double beta2) {
+  const size_t n = params.size();
+  TORCH_CHECK(n % 3 == 0 && n > 0 && grads.size() == n && ema_ipt.size() == n && ema_unc.size() == n,
+              "csrc_sensitivity_update: expected (P, lam, Q) triples of params, grads and both EMAs, got ", n, ", ",
+              grads.size(), ", ", ema_ipt.size(), ", ", ema_unc.size(), " tensors");
+  TORCH_CHECK(beta1 > 0 && beta1 < 1 && beta2 > 0 && beta2 < 1,
+              "csrc_sensitivity_update: beta1 and beta2 must be in (0, 1), got ", beta1, ", ", beta2);
+  const auto dtype = params[0].scalar_type();
+  const at::Device device = params[0].device();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "csrc_sensitivity_update: adapter parameters must be float32 or float64, got ", dtype);
+  for (size_t l = 0; l < n / 3; ++l) {
+    const at::Tensor &P = params[3 * l], &lam = params[3 * l + 1], &Q = params[3 * l + 2];
+    TORCH_CHECK(P.dim() == 2 && lam.dim() == 1 && Q.dim() == 2 && P.size(1) == lam.size(0) &&
+                    Q.size(0) == lam.size(0),
+                "csrc_sensitivity_update: layer ", l, " must hold P (out, r), lam (r,), Q (r, in); got ", P.sizes(),
+                ", ", lam.sizes(), ", ", Q.sizes());
+    for (size_t j = 3 * l; j < 3 * l + 3; ++j) {
+      for (const at::Tensor* t : {&params[j], &grads[j], &ema_ipt[j], &ema_unc[j]}) {
+        TORCH_CHECK(t->scalar_type() == dtype && t->device() == device && t->is_contiguous() &&
+                        t->sizes() == params[j].sizes(),
+                    "csrc_sensitivity_update: layer ", l, ": every tensor must be a contiguous ", dtype,
+                    " tensor on ", device, " shaped like its parameter ", params[j].sizes(), ", got ",
+                    t->scalar_type(), " ", t->sizes(), " on ", t->device());
+      }
+    }
+  }
+  return dtype;
+}
+
 }  // namespace adalora_kernels

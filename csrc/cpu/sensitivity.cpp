@@ -1,11 +1,14 @@
 // CPU implementation of the rank allocator's device work: PEFT's sensitivity EMAs of every (P, lam, Q) in
-// place and the triplet scores, in one parallel pass (one task per triplet: row i of Q, column i of P,
-// lam_i). Each product and sum is rounded on its own (built with -ffp-contract=off) as PEFT's separate
-// ops are, so the EMAs match PEFT's bit for bit; the means are summed in a different order than torch's.
+// place and the triplet scores, in one parallel pass (one task per layer: Q, P and lam in memory order).
+// Each product and sum is rounded on its own (built with -ffp-contract=off) as PEFT's separate ops are,
+// so the EMAs match PEFT's bit for bit; the means are summed in a different order than torch's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -32,58 +35,46 @@ struct Ema {
 
 at::Tensor sensitivity_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList ema_ipt,
                                   at::TensorList ema_unc, double beta1, double beta2) {
-  const size_t n = params.size();
-  TORCH_CHECK(n % 3 == 0 && grads.size() == n && ema_ipt.size() == n && ema_unc.size() == n,
-              "csrc_sensitivity_update: expected (P, lam, Q) triples of params, grads and both EMAs, got ", n, ", ",
-              grads.size(), ", ", ema_ipt.size(), ", ", ema_unc.size(), " tensors");
-  TORCH_CHECK(beta1 > 0 && beta1 < 1 && beta2 > 0 && beta2 < 1,
-              "csrc_sensitivity_update: beta1 and beta2 must be in (0, 1), got ", beta1, ", ", beta2);
-  const auto dtype = params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "csrc_sensitivity_update: adapter parameters must be float32 or float64, got ", dtype);
-  std::vector<int64_t> layer_of, rank_of;
-  for (size_t l = 0; l < n / 3; ++l) {
-    const at::Tensor &P = params[3 * l], &lam = params[3 * l + 1], &Q = params[3 * l + 2];
-    TORCH_CHECK(P.dim() == 2 && lam.dim() == 1 && Q.dim() == 2 && P.size(1) == lam.size(0) &&
-                    Q.size(0) == lam.size(0),
-                "csrc_sensitivity_update: layer ", l, " must hold P (out, r), lam (r,), Q (r, in); got ", P.sizes(),
-                ", ", lam.sizes(), ", ", Q.sizes());
-    for (size_t j = 3 * l; j < 3 * l + 3; ++j) {
-      for (const at::Tensor* t : {&params[j], &grads[j], &ema_ipt[j], &ema_unc[j]}) {
-        TORCH_CHECK(t->scalar_type() == dtype && t->device().is_cpu() && t->is_contiguous() &&
-                        t->sizes() == params[j].sizes(),
-                    "csrc_sensitivity_update: layer ", l, ": every tensor must be a contiguous CPU ", dtype,
-                    " tensor shaped like its parameter ", params[j].sizes(), ", got ", t->scalar_type(), " ",
-                    t->sizes(), " on ", t->device());
-      }
-    }
-    for (int64_t i = 0; i < lam.size(0); ++i) layer_of.push_back(static_cast<int64_t>(l)), rank_of.push_back(i);
-  }
-  at::Tensor scores = at::empty({static_cast<int64_t>(layer_of.size())}, params[0].options());
+  const auto dtype = check_sensitivity_inputs(params, grads, ema_ipt, ema_unc, beta1, beta2);
+  TORCH_CHECK(params[0].device().is_cpu(), "csrc_sensitivity_update: expected CPU tensors, got ", params[0].device());
+  std::vector<int64_t> first;  // index of each layer's first triplet in the scores
+  int64_t total = 0;
+  for (size_t l = 0; l < params.size() / 3; ++l) first.push_back(total), total += params[3 * l + 1].size(0);
+  at::Tensor scores = at::empty({total}, params[0].options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "csrc_sensitivity_update", [&] {
     // the coefficients rounded from double to the tensors' dtype, as torch does with Python scalars
     const Ema<scalar_t> ema{static_cast<scalar_t>(beta1), static_cast<scalar_t>(1.0 - beta1),
                             static_cast<scalar_t>(beta2), static_cast<scalar_t>(1.0 - beta2)};
     scalar_t* out = scores.data_ptr<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(layer_of.size()), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t tri = begin; tri < end; ++tri) {
-        const size_t l = static_cast<size_t>(layer_of[tri]) * 3;
-        const int64_t i = rank_of[tri], r = params[l + 1].size(0);
-        const int64_t out_f = params[l].size(0), in_f = params[l + 2].size(1);
-        auto ptr = [&](at::TensorList list, size_t j) { return list[j].data_ptr<scalar_t>(); };
-        scalar_t q_sum = 0, p_sum = 0;
-        for (int64_t k = 0; k < in_f; ++k) {  // row i of Q
-          const int64_t e = i * in_f + k;
-          q_sum += ema.step(ptr(params, l + 2)[e], ptr(grads, l + 2)[e], ptr(ema_ipt, l + 2)[e],
-                            ptr(ema_unc, l + 2)[e]);
+    // one task per layer, walking every tensor in memory order (P row by row, not column by column)
+    at::parallel_for(0, static_cast<int64_t>(first.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> q_sum, p_sum;
+      for (int64_t layer = begin; layer < end; ++layer) {
+        const size_t l = static_cast<size_t>(layer) * 3;
+        const int64_t r = params[l + 1].size(0), out_f = params[l].size(0), in_f = params[l + 2].size(1);
+        // the four arrays (param, grad, Ibar, Ubar) of tensor j of this layer, fetched once
+        auto arrays = [&](size_t j) {
+          return std::array<scalar_t*, 4>{params[j].data_ptr<scalar_t>(), grads[j].data_ptr<scalar_t>(),
+                                          ema_ipt[j].data_ptr<scalar_t>(), ema_unc[j].data_ptr<scalar_t>()};
+        };
+        const auto P = arrays(l), lam = arrays(l + 1), Q = arrays(l + 2);
+        q_sum.assign(r, scalar_t(0));
+        p_sum.assign(r, scalar_t(0));
+        for (int64_t i = 0; i < r; ++i)  // rows of Q
+          for (int64_t k = 0; k < in_f; ++k) {
+            const int64_t e = i * in_f + k;
+            q_sum[i] += ema.step(Q[0][e], Q[1][e], Q[2][e], Q[3][e]);
+          }
+        for (int64_t o = 0; o < out_f; ++o)  // rows of P: column i accumulates in the same order as before
+          for (int64_t i = 0; i < r; ++i) {
+            const int64_t e = o * r + i;
+            p_sum[i] += ema.step(P[0][e], P[1][e], P[2][e], P[3][e]);
+          }
+        for (int64_t i = 0; i < r; ++i) {
+          const scalar_t s_lam = ema.step(lam[0][i], lam[1][i], lam[2][i], lam[3][i]);
+          out[first[layer] + i] =
+              s_lam + (q_sum[i] / static_cast<scalar_t>(in_f) + p_sum[i] / static_cast<scalar_t>(out_f));
         }
-        for (int64_t o = 0; o < out_f; ++o) {  // column i of P
-          const int64_t e = o * r + i;
-          p_sum += ema.step(ptr(params, l)[e], ptr(grads, l)[e], ptr(ema_ipt, l)[e], ptr(ema_unc, l)[e]);
-        }
-        const scalar_t s_lam =
-            ema.step(ptr(params, l + 1)[i], ptr(grads, l + 1)[i], ptr(ema_ipt, l + 1)[i], ptr(ema_unc, l + 1)[i]);
-        out[tri] = s_lam + (q_sum / static_cast<scalar_t>(in_f) + p_sum / static_cast<scalar_t>(out_f));
       }
     });
   });

@@ -134,34 +134,16 @@ at::Tensor to_device_async(const std::vector<int64_t>& values, at::ScalarType dt
 
 at::Tensor sensitivity_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList ema_ipt,
                                    at::TensorList ema_unc, double beta1, double beta2) {
-  const size_t n = params.size();
-  TORCH_CHECK(n % 3 == 0 && n > 0 && grads.size() == n && ema_ipt.size() == n && ema_unc.size() == n,
-              "csrc_sensitivity_update: expected (P, lam, Q) triples of params, grads and both EMAs, got ", n, ", ",
-              grads.size(), ", ", ema_ipt.size(), ", ", ema_unc.size(), " tensors");
-  TORCH_CHECK(beta1 > 0 && beta1 < 1 && beta2 > 0 && beta2 < 1,
-              "csrc_sensitivity_update: beta1 and beta2 must be in (0, 1), got ", beta1, ", ", beta2);
-  const auto dtype = params[0].scalar_type();
+  const auto dtype = check_sensitivity_inputs(params, grads, ema_ipt, ema_unc, beta1, beta2);
   const at::Device device = params[0].device();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "csrc_sensitivity_update: adapter parameters must be float32 or float64, got ", dtype);
+  TORCH_CHECK(device.is_cuda(), "csrc_sensitivity_update: expected CUDA tensors, got ", device);
   std::vector<int64_t> table, tri_layer, tri_rank;
-  for (size_t l = 0; l < n / 3; ++l) {
-    const at::Tensor &P = params[3 * l], &lam = params[3 * l + 1], &Q = params[3 * l + 2];
-    TORCH_CHECK(P.dim() == 2 && lam.dim() == 1 && Q.dim() == 2 && P.size(1) == lam.size(0) &&
-                    Q.size(0) == lam.size(0),
-                "csrc_sensitivity_update: layer ", l, " must hold P (out, r), lam (r,), Q (r, in); got ", P.sizes(),
-                ", ", lam.sizes(), ", ", Q.sizes());
-    for (size_t j : {3 * l, 3 * l + 2, 3 * l + 1}) {  // table order: P, Q, lam
-      for (const at::Tensor* t : {&params[j], &grads[j], &ema_ipt[j], &ema_unc[j]}) {
-        TORCH_CHECK(t->scalar_type() == dtype && t->device() == device && t->is_contiguous() &&
-                        t->sizes() == params[j].sizes(),
-                    "csrc_sensitivity_update: layer ", l, ": every tensor must be a contiguous ", dtype, " tensor on ",
-                    device, " shaped like its parameter ", params[j].sizes());
-        table.push_back(reinterpret_cast<int64_t>(t->data_ptr()));
-      }
-    }
-    table.insert(table.end(), {P.size(0), Q.size(1), lam.size(0), 0});
-    for (int64_t i = 0; i < lam.size(0); ++i) tri_layer.push_back(static_cast<int64_t>(l)), tri_rank.push_back(i);
+  for (size_t l = 0; l < params.size() / 3; ++l) {
+    for (size_t j : {3 * l, 3 * l + 2, 3 * l + 1})  // table order: P, Q, lam
+      for (const at::TensorList list : {params, grads, ema_ipt, ema_unc})
+        table.push_back(reinterpret_cast<int64_t>(list[j].data_ptr()));
+    table.insert(table.end(), {params[3 * l].size(0), params[3 * l + 2].size(1), params[3 * l + 1].size(0), 0});
+    for (int64_t i = 0; i < params[3 * l + 1].size(0); ++i) tri_layer.push_back(static_cast<int64_t>(l)), tri_rank.push_back(i);
   }
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor scores = at::empty({static_cast<int64_t>(tri_layer.size())}, params[0].options());

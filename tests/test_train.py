@@ -1,0 +1,45 @@
+"""``adalora-kernels train``: learns, reports, and matches PEFT trained side by side (tiny LLaMA, no download)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from adalora_kernels.cli import main
+from adalora_kernels.train import rank_table
+
+
+def test_train_tiny_llama_matches_peft(tmp_path):
+    out = tmp_path / "train.json"
+    argv = ["train", "--model", "tiny-llama", "--steps", "30", "--init-r", "4", "--target-r", "2", "--lr", "1e-2",
+            "--compare-peft", "--json", str(out), "--plot", str(tmp_path / "ranks.png")]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert len(data["losses"]) == len(data["budgets"]) == 30
+    assert data["budgets"][0] == 4 * 14 and data["budgets"][-1] == 2 * 14  # 2 layers × 7 projections
+    assert sum(map(sum, data["rank_pattern"].values())) <= 2 * 14
+    assert sum(data["losses"][-5:]) < sum(data["losses"][:5])  # it learns
+    assert data["peft"]["max_loss_diff"] < 1e-4 and data["peft"]["same_rank_pattern"]
+    assert (tmp_path / "ranks.png").stat().st_size > 1000
+
+
+def test_rank_table_groups_layers_and_modules():
+    pattern = {
+        "bert.encoder.layer.0.attention.self.query": [True, False],
+        "bert.encoder.layer.1.attention.output.dense": [True, True],
+        "bert.encoder.layer.1.intermediate.dense": [False, False],
+        "bert.pooler.dense": [True, False],
+    }
+    layers, modules, grid = rank_table(pattern)
+    assert layers == ["0", "1", "pooler"] and modules == ["attn_out", "dense", "intermediate", "query"]
+    assert grid == [[0, 0, 0, 1], [2, 0, 0, 0], [0, 1, 0, 0]]
+
+
+def test_bad_train_arguments(capsys):
+    with pytest.raises(SystemExit, match="--target-r: expected 0 <= target_r <= init_r"):
+        main(["train", "--init-r", "2", "--target-r", "3"])
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "gpt-9"])
+    assert "unknown model 'gpt-9'; valid: auto, minilm, tiny-llama" in capsys.readouterr().err

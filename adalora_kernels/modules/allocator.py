@@ -21,6 +21,26 @@ class _Triplet:
     layer: AdaLoRALinear | None  # ours: its rank_mask takes the final pattern
 
 
+def _refuse_unsupported_sharding(model: nn.Module | None, triplets: list[_Triplet]) -> None:
+    """FSDP1 with flattened parameters and DeepSpeed ZeRO-3 hide each layer's P, λ, Q behind flat or
+    partitioned storage the allocator cannot score; say what to use instead."""
+    if model is not None:
+        for name, module in model.named_modules():
+            if type(module).__name__ == "FullyShardedDataParallel" and not getattr(module, "_use_orig_params", True):
+                raise ValueError(
+                    f"model: {name or 'the model'} is FSDP1 with flattened parameters (use_orig_params=False); "
+                    "wrap it with FSDP1(use_orig_params=True) or FSDP2 (torch.distributed.fsdp.fully_shard), "
+                    "or create the RankAllocator before wrapping"
+                )
+    for t in triplets:
+        for label, p in (("P", t.P), ("lam", t.lam), ("Q", t.Q)):
+            if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
+                raise ValueError(
+                    f"{t.name}.{label}: DeepSpeed ZeRO-3 partitions this parameter; the allocator needs whole "
+                    "adapter tensors: use ZeRO stage 1 or 2, DDP, or FSDP2 (torch.distributed.fsdp.fully_shard)"
+                )
+
+
 def _find_triplets(model: nn.Module) -> list[_Triplet]:
     return [_Triplet(name, m.P, m.lam, m.Q, m) for name, m in model.named_modules() if isinstance(m, AdaLoRALinear)]
 
@@ -49,6 +69,7 @@ class RankAllocator:
         triplets: list[_Triplet] | None = None,
     ) -> None:
         self.triplets = triplets if triplets is not None else _find_triplets(model)
+        _refuse_unsupported_sharding(model, self.triplets)
         if not self.triplets:
             raise ValueError("model: no AdaLoRALinear layer found; wrap layers with AdaLoRALinear first")
         ranks = [t.lam.numel() for t in self.triplets]
@@ -186,8 +207,10 @@ class RankAllocator:
             )
             if mask_now:
                 self._mask(scores, budget)
-        elif global_step == final_step:
-            self._mask(triplet_scores(self._layout, self._ema_ipt, self._ema_unc), budget)
+        elif global_step == final_step:  # the last scores, without an update of the EMAs (as PEFT)
+            self._keep = threshold_keep(
+                triplet_scores(self._layout, self._ema_ipt, self._ema_unc), self.init_bgt - budget
+            )
             self._final = True
             self._apply_final_pattern()
             self.reset_ipt()

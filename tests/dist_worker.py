@@ -36,7 +36,7 @@ def train(net, batches, rank=0, world=1):
         opt.step()
         alloc.update_and_allocate(step)
         opt.zero_grad()
-    return {"lam": [layers[0].lam.detach().clone(), layers[2].lam.detach().clone()], "pattern": alloc.rank_pattern}
+    return {"lam": [layers[0].lam.detach(), layers[2].lam.detach()], "pattern": alloc.rank_pattern}
 
 
 def ddp_worker(rank, world, port, out_path):
@@ -50,5 +50,28 @@ def ddp_worker(rank, world, port, out_path):
         dist.all_gather_object(gathered, result)
         if rank == 0:
             torch.save(gathered, out_path)
+        dist.barrier()  # no rank tears down while another still talks to rank 0's store
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp2_worker(rank, world, port, out_path):
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        net = model()
+        for layer in (net[0], net[2]):
+            fully_shard(layer)
+        fully_shard(net)
+        result = train(net, data(), rank, world)
+        result["lam"] = [lam.full_tensor() if hasattr(lam, "full_tensor") else lam for lam in result["lam"]]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, result)
+        if rank == 0:
+            torch.save(gathered, out_path)
+        dist.barrier()  # no rank tears down while another still talks to rank 0's store
     finally:
         dist.destroy_process_group()

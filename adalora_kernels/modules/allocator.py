@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..kernels.layout import FlatLayout
 from ..ops.sensitivity import mask_lams, sensitivity_update, threshold_keep, triplet_scores
+from . import sharded
 from .linear import AdaLoRALinear
 
 
@@ -120,7 +121,9 @@ class RankAllocator:
                         f"got {p.device} {p.dtype}"
                     )
         shapes = [(t.P.shape[0], t.lam.numel(), t.Q.shape[1]) for t in self.triplets]
-        self._layout = FlatLayout(shapes, first.dtype, first.device)
+        # FSDP2 (DTensor shards): per-shard EMAs, one all-reduce of the partial triplet terms per step
+        self._sharded = sharded.is_sharded(first)
+        self._layout = None if self._sharded else FlatLayout(shapes, first.dtype, first.device)
         self.reset_ipt()
         self._keep: Tensor | None = None  # last mask over all triplets (device), PEFT's rank_pattern
         self._final = False
@@ -130,6 +133,9 @@ class RankAllocator:
 
     def reset_ipt(self) -> None:
         """Zero the sensitivity EMAs (PEFT allocates them lazily at zero)."""
+        if self._sharded:
+            self._ema_ipt, self._ema_unc = sharded.zero_emas(self.triplets), sharded.zero_emas(self.triplets)
+            return
         self._ema_ipt = self._layout.zeros()
         self._ema_unc = self._layout.zeros()
 
@@ -147,8 +153,9 @@ class RankAllocator:
         if state["names"] != names:
             raise ValueError(f"state: saved for layers {state['names'][:3]}…, this allocator has {names[:3]}…")
         with torch.no_grad():
-            self._ema_ipt.copy_(state["ema_ipt"])
-            self._ema_unc.copy_(state["ema_unc"])
+            for dst, src in ((self._ema_ipt, state["ema_ipt"]), (self._ema_unc, state["ema_unc"])):
+                for d, v in zip(dst, src) if self._sharded else ((dst, src),):
+                    d.copy_(v)
         self._keep = None if state["keep"] is None else state["keep"].to(self.triplets[0].lam.device)
         self._final = state["final"]
         if self._final:
@@ -182,10 +189,16 @@ class RankAllocator:
 
     def _mask(self, scores: Tensor, budget: int) -> None:
         self._keep = threshold_keep(scores, self.init_bgt - budget)
-        mask_lams([t.lam for t in self.triplets], self._keep, self.backend)
+        self._mask_lams()
+
+    def _mask_lams(self) -> None:
+        if self._sharded:
+            sharded.mask_lams(self.triplets, self._keep)
+        else:
+            mask_lams([t.lam for t in self.triplets], self._keep, self.backend)
 
     def _apply_final_pattern(self) -> None:
-        mask_lams([t.lam for t in self.triplets], self._keep, self.backend)
+        self._mask_lams()
         offset = 0
         for t in self.triplets:
             r = t.lam.numel()
@@ -200,17 +213,24 @@ class RankAllocator:
         budget, mask_now = self.budget_schedule(global_step)
         self.masked_last_step = global_step == final_step or (global_step < final_step and mask_now)
         if global_step < final_step:
-            params = [(t.P, t.lam.view(-1), t.Q) for t in self.triplets]
-            grads = [(g[0], g[1].view(-1), g[2]) for g in self._grads()]
-            scores = sensitivity_update(
-                self._layout, params, grads, self._ema_ipt, self._ema_unc, self.beta1, self.beta2, self.backend
-            )
+            if self._sharded:
+                scores = sharded.sensitivity_update(
+                    self.triplets, self._grads(), self._ema_ipt, self._ema_unc, self.beta1, self.beta2
+                )
+            else:
+                params = [(t.P, t.lam.view(-1), t.Q) for t in self.triplets]
+                grads = [(g[0], g[1].view(-1), g[2]) for g in self._grads()]
+                scores = sensitivity_update(
+                    self._layout, params, grads, self._ema_ipt, self._ema_unc, self.beta1, self.beta2, self.backend
+                )
             if mask_now:
                 self._mask(scores, budget)
         elif global_step == final_step:  # the last scores, without an update of the EMAs (as PEFT)
-            self._keep = threshold_keep(
-                triplet_scores(self._layout, self._ema_ipt, self._ema_unc), self.init_bgt - budget
-            )
+            if self._sharded:
+                scores = sharded.triplet_scores(self.triplets, self._ema_ipt, self._ema_unc)
+            else:
+                scores = triplet_scores(self._layout, self._ema_ipt, self._ema_unc)
+            self._keep = threshold_keep(scores, self.init_bgt - budget)
             self._final = True
             self._apply_final_pattern()
             self.reset_ipt()

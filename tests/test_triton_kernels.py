@@ -129,3 +129,22 @@ def test_autotuned_configs_agree_on_gpu(monkeypatch):
     y = ak.adalora_linear(x, w, b, P, lam, Q, scaling=S, rank_mask=m, backend="triton")
     ref = adalora_linear_ref(x, w, b, P, lam, Q, S, m, upcast=True)
     assert max_err(y, ref) <= 1e-5 * ref.abs().max().item()
+
+
+def test_tiles_are_pruned_to_fit_shared_memory(monkeypatch):
+    """fp64 and r = 128 shrink the tiles; with autotuning off exactly one tile is kept (CPU-checkable logic)."""
+    import triton
+
+    from adalora_kernels.kernels.triton import config
+
+    monkeypatch.setattr(config, "shared_memory_bytes", lambda: 228 * 1024)  # an H100/H200
+    big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_stages=4)
+    small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_stages=2)
+    args16 = {"x_ptr": torch.empty(1, dtype=torch.float16)}
+    args64 = {"x_ptr": torch.empty(1, dtype=torch.float64)}
+    monkeypatch.setattr(config, "autotune_enabled", lambda: False)
+    assert config.prune_by_shared_memory([big, small], args16, BLOCK_R=16) == [big]
+    assert config.prune_by_shared_memory([big, small], args64, BLOCK_R=16) == [small]
+    monkeypatch.setattr(config, "autotune_enabled", lambda: True)
+    assert config.prune_by_shared_memory([big, small], args16, BLOCK_R=128) == [big, small]
+    assert config.prune_by_shared_memory([big], args64, BLOCK_R=128) == [big]  # none fits: the least hungry

@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import get_autotune_configs, get_rowblock_configs
+from .config import get_autotune_configs, get_rowblock_configs, prune_by_shared_memory
+
+_PRUNE = {"early_config_prune": prune_by_shared_memory}
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -49,7 +51,7 @@ def _swizzle(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 # ----------------------------------------------------------------------------------------------- kernels
 
 
-@triton.autotune(configs=get_rowblock_configs(), key=["M", "K", "BLOCK_R", "HAS_DROPOUT"])
+@triton.autotune(configs=get_rowblock_configs(), key=["M", "K", "BLOCK_R", "HAS_DROPOUT"], prune_configs_by=_PRUNE)
 @triton.jit
 def _shrink_fwd_kernel(
     # pointers
@@ -92,7 +94,9 @@ def _shrink_fwd_kernel(
     )
 
 
-@triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_ADAPTER"])
+@triton.autotune(
+    configs=get_autotune_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_ADAPTER"], prune_configs_by=_PRUNE
+)
 @triton.jit
 def _fused_fwd_kernel(
     # pointers
@@ -149,7 +153,12 @@ def _fused_fwd_kernel(
     )
 
 
-@triton.autotune(configs=get_rowblock_configs(), key=["M", "N", "BLOCK_R"], reset_to_zero=["dp_ptr", "dlam_ptr"])
+@triton.autotune(
+    configs=get_rowblock_configs(),
+    key=["M", "N", "BLOCK_R"],
+    reset_to_zero=["dp_ptr", "dlam_ptr"],
+    prune_configs_by=_PRUNE,
+)
 @triton.jit
 def _dt_dp_bwd_kernel(
     # pointers: g (M, N), P (N, R), t (M, R), λeff (R); outputs u (M, R), dP (N, R), dλeff (R), accumulated
@@ -202,7 +211,7 @@ def _dt_dp_bwd_kernel(
     tl.store(u_ptr + rows[:, None] * R + rr[None, :], dt * lam[None, :], mask=row_ok & (rr[None, :] < R))
 
 
-@triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_DROPOUT"])
+@triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_DROPOUT"], prune_configs_by=_PRUNE)
 @triton.jit
 def _fused_dx_bwd_kernel(
     # pointers: g (M, N), W (N, K), u (M, R), Q (R, K), dx (M, K)
@@ -257,7 +266,7 @@ def _fused_dx_bwd_kernel(
     )
 
 
-@triton.autotune(configs=get_rowblock_configs(), key=["M", "K", "BLOCK_R", "HAS_DROPOUT"])
+@triton.autotune(configs=get_rowblock_configs(), key=["M", "K", "BLOCK_R", "HAS_DROPOUT"], prune_configs_by=_PRUNE)
 @triton.jit
 def _dq_bwd_kernel(
     # pointers: x (M, K), u (M, R), dQ (R, K)

@@ -212,7 +212,7 @@ _LABELS = [
 ]
 
 
-def rank_table(pattern: dict[str, list[bool]]) -> tuple[list[str], list[str], list[list[int]]]:
+def rank_table(pattern: dict[str, list[bool]]) -> tuple[list[str], list[str], list[list[int | None]]]:
     """Kept ranks as a layers × modules grid, from names like ``bert.encoder.layer.3.attention.self.query``;
     layers without an index (a pooler) get a row of their own."""
 
@@ -229,7 +229,7 @@ def rank_table(pattern: dict[str, list[bool]]) -> tuple[list[str], list[str], li
     cells = {split(n): sum(v) for n, v in pattern.items()}
     layers = sorted({k[0] for k in cells}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
     modules = sorted({k[1] for k in cells})
-    return layers, modules, [[cells.get((i, m), 0) for m in modules] for i in layers]
+    return layers, modules, [[cells.get((i, m)) for m in modules] for i in layers]  # None: no such module
 
 
 def run(args) -> dict:
@@ -264,7 +264,7 @@ def run(args) -> dict:
     for m in modules:
         table.add_column(m, justify="right")
     for layer, row in zip(layers, grid):
-        table.add_row(layer, *map(str, row))
+        table.add_row(layer, *("·" if v is None else str(v) for v in row))
     console.print(table)
     console.print(f"loss {ours.losses[0]:.4f} → {statistics.mean(ours.losses[-5:]):.4f} (mean of the last 5 steps)")
     if peft_run is not None:
@@ -289,14 +289,18 @@ def _heatmap(layers, modules, grid, path, title) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(1.2 * len(modules) + 2, 0.5 * len(layers) + 2))
-    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    values = np.ma.masked_invalid(np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")  # modules a layer does not have stay blank
     ax.set_xticks(range(len(modules)), modules, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(layers)), layers)
     ax.set_ylabel("layer")
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", color="white", fontsize=8)
+            if v is not None:
+                ax.text(j, i, str(v), ha="center", va="center", color="white", fontsize=8)
     fig.colorbar(image, ax=ax, label="kept ranks")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

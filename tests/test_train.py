@@ -34,7 +34,7 @@ def test_rank_table_groups_layers_and_modules():
     }
     layers, modules, grid = rank_table(pattern)
     assert layers == ["0", "1", "pooler"] and modules == ["attn_out", "dense", "intermediate", "query"]
-    assert grid == [[0, 0, 0, 1], [2, 0, 0, 0], [0, 1, 0, 0]]
+    assert grid == [[None, None, None, 1], [2, None, 0, None], [None, 1, None, None]]  # None: no such module
 
 
 def test_bad_train_arguments(capsys):

@@ -288,7 +288,6 @@ def _heatmap(layers, modules, grid, path, title) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(1.2 * len(modules) + 2, 0.5 * len(layers) + 2))

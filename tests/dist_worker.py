@@ -39,34 +39,13 @@ def train(net, batches, rank=0, world=1):
     return {"lam": [layers[0].lam.detach(), layers[2].lam.detach()], "pattern": alloc.rank_pattern}
 
 
-def ddp_worker(rank, world, port, out_path):
+def _run(rank, world, port, out_path, wrap):
+    """Join the 2-rank gloo group, train ``wrap(model())``, gather every rank's result to ``out_path``."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # localhost only, whatever the machine's other interfaces
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
     try:
-        net = nn.parallel.DistributedDataParallel(model())
-        result = train(net, data(), rank, world)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, result)
-        if rank == 0:
-            torch.save(gathered, out_path)
-        dist.barrier()  # no rank tears down while another still talks to rank 0's store
-    finally:
-        dist.destroy_process_group()
-
-
-def fsdp2_worker(rank, world, port, out_path):
-    from torch.distributed.fsdp import fully_shard
-
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    try:
-        net = model()
-        for layer in (net[0], net[2]):
-            fully_shard(layer)
-        fully_shard(net)
-        result = train(net, data(), rank, world)
+        result = train(wrap(model()), data(), rank, world)
         result["lam"] = [lam.full_tensor() if hasattr(lam, "full_tensor") else lam for lam in result["lam"]]
         gathered = [None] * world
         dist.all_gather_object(gathered, result)
@@ -75,3 +54,19 @@ def fsdp2_worker(rank, world, port, out_path):
         dist.barrier()  # no rank tears down while another still talks to rank 0's store
     finally:
         dist.destroy_process_group()
+
+
+def _fsdp2(net):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (net[0], net[2]):
+        fully_shard(layer)
+    return fully_shard(net)
+
+
+def ddp_worker(rank, world, port, out_path):
+    _run(rank, world, port, out_path, nn.parallel.DistributedDataParallel)
+
+
+def fsdp2_worker(rank, world, port, out_path):
+    _run(rank, world, port, out_path, _fsdp2)

@@ -36,6 +36,26 @@ def _keep_mask(seed, rows, col0, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, stride_rows, stride_cols, n_rows, n_cols):
+    """The ``rows × cols`` tile at ``ptr`` (a transposed one by swapping rows/cols and their strides), zero
+    outside ``n_rows × n_cols``."""
+    return tl.load(
+        ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols,
+        mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
+        other=0.0,
+    )
+
+
+@triton.jit
+def _store_tile(ptr, rows, cols, stride_rows, stride_cols, n_rows, n_cols, value):
+    tl.store(
+        ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols,
+        value,
+        mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
+    )
+
+
+@triton.jit
 def _swizzle(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped program order (row blocks in groups of GROUP_M) for L2 reuse."""
     num_m = tl.cdiv(M, BLOCK_M)
@@ -72,26 +92,14 @@ def _shrink_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64 if IS_FP64 else tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-            mask=(rows[:, None] < M) & (cols[None, :] < K),
-            other=0.0,
-        )
+        x = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, M, K)
         if HAS_DROPOUT:
             x = tl.where(_keep_mask(seed, rows, k0, p, BLOCK_M, BLOCK_K), x, 0.0)
-        q = tl.load(  # Qᵀ tile, BLOCK_K × BLOCK_R
-            q_ptr + rr[None, :] * stride_qr + cols[:, None] * stride_qk,
-            mask=(rr[None, :] < R) & (cols[:, None] < K),
-            other=0.0,
-        )
+        q = _load_tile(q_ptr, cols, rr, stride_qk, stride_qr, K, R)
         acc += tl.dot(x, q, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    tl.store(
-        t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
-        acc.to(t_ptr.dtype.element_ty),
-        mask=(rows[:, None] < M) & (rr[None, :] < R),
-    )
+    _store_tile(t_ptr, rows, rr, stride_tm, stride_tr, M, R, acc.to(t_ptr.dtype.element_ty))
 
 
 @triton.autotune(
@@ -118,39 +126,19 @@ def _fused_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-            mask=(rows[:, None] < M) & (cols[None, :] < K),
-            other=0.0,
-        )
-        w = tl.load(  # Wᵀ tile, BLOCK_K × BLOCK_N
-            w_ptr + rn[None, :] * stride_wn + cols[:, None] * stride_wk,
-            mask=(rn[None, :] < N) & (cols[:, None] < K),
-            other=0.0,
-        )
+        x = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, M, K)
+        w = _load_tile(w_ptr, cols, rn, stride_wk, stride_wn, K, N)
         acc += tl.dot(x, w, input_precision=DOT_PRECISION)
     if HAS_ADAPTER:  # epilogue: + (t · λeff) Pᵀ, an r-wide product in the same tile
         rr = tl.arange(0, BLOCK_R)
-        t = tl.load(
-            t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
-            mask=(rows[:, None] < M) & (rr[None, :] < R),
-            other=0.0,
-        )
+        t = _load_tile(t_ptr, rows, rr, stride_tm, stride_tr, M, R)
         lam = tl.load(lam_ptr + rr, mask=rr < R, other=0.0).to(acc_dtype)
         u = (t.to(acc_dtype) * lam[None, :]).to(x_ptr.dtype.element_ty)
-        pt = tl.load(  # Pᵀ tile, BLOCK_R × BLOCK_N
-            p_ptr + rn[None, :] * stride_pn + rr[:, None] * stride_pr,
-            mask=(rn[None, :] < N) & (rr[:, None] < R),
-            other=0.0,
-        )
+        pt = _load_tile(p_ptr, rr, rn, stride_pr, stride_pn, R, N)
         acc += tl.dot(u, pt, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(acc_dtype)[None, :]
-    tl.store(
-        y_ptr + rows[:, None] * stride_ym + rn[None, :] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=(rows[:, None] < M) & (rn[None, :] < N),
-    )
+    _store_tile(y_ptr, rows, rn, stride_ym, stride_yn, M, N, acc.to(y_ptr.dtype.element_ty))
 
 
 @triton.autotune(
@@ -176,27 +164,14 @@ def _dt_dp_bwd_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    row_ok = rows[:, None] < M
-    t = tl.load(
-        t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
-        mask=row_ok & (rr[None, :] < R),
-        other=0.0,
-    ).to(acc_dtype)
+    t = _load_tile(t_ptr, rows, rr, stride_tm, stride_tr, M, R).to(acc_dtype)
     lam = tl.load(lam_ptr + rr, mask=rr < R, other=0.0).to(acc_dtype)
     t_lam = (t * lam[None, :]).to(g_ptr.dtype.element_ty)
     dt = tl.zeros([BLOCK_M, BLOCK_R], dtype=acc_dtype)
     for n0 in range(0, N, BLOCK_K):
         rn = n0 + tl.arange(0, BLOCK_K)
-        g = tl.load(
-            g_ptr + rows[:, None] * stride_gm + rn[None, :] * stride_gn,
-            mask=row_ok & (rn[None, :] < N),
-            other=0.0,
-        )
-        p = tl.load(
-            p_ptr + rn[:, None] * stride_pn + rr[None, :] * stride_pr,
-            mask=(rn[:, None] < N) & (rr[None, :] < R),
-            other=0.0,
-        )
+        g = _load_tile(g_ptr, rows, rn, stride_gm, stride_gn, M, N)
+        p = _load_tile(p_ptr, rn, rr, stride_pn, stride_pr, N, R)
         dt += tl.dot(g, p, input_precision=DOT_PRECISION)
         if NEED_ADAPTER:
             dp = tl.dot(tl.trans(g), t_lam, input_precision=DOT_PRECISION)
@@ -208,7 +183,7 @@ def _dt_dp_bwd_kernel(
             )
     if NEED_ADAPTER:
         tl.atomic_add(dlam_ptr + rr, tl.sum(dt * t, axis=0), mask=rr < R, sem="relaxed")
-    tl.store(u_ptr + rows[:, None] * R + rr[None, :], dt * lam[None, :], mask=row_ok & (rr[None, :] < R))
+    _store_tile(u_ptr, rows, rr, R, 1, M, R, dt * lam[None, :])
 
 
 @triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_DROPOUT"], prune_configs_by=_PRUNE)
@@ -235,35 +210,19 @@ def _fused_dx_bwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
     for n0 in range(0, N, BLOCK_K):
         rn = n0 + tl.arange(0, BLOCK_K)
-        g = tl.load(
-            g_ptr + rows[:, None] * stride_gm + rn[None, :] * stride_gn,
-            mask=(rows[:, None] < M) & (rn[None, :] < N),
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + rn[:, None] * stride_wn + cols[None, :] * stride_wk,
-            mask=(rn[:, None] < N) & (cols[None, :] < K),
-            other=0.0,
-        )
+        g = _load_tile(g_ptr, rows, rn, stride_gm, stride_gn, M, N)
+        w = _load_tile(w_ptr, rn, cols, stride_wn, stride_wk, N, K)
         acc += tl.dot(g, w, input_precision=DOT_PRECISION)
     if HAS_ADAPTER:  # epilogue: + drop'(u Q)
         rr = tl.arange(0, BLOCK_R)
-        u = tl.load(u_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
-        q = tl.load(
-            q_ptr + rr[:, None] * stride_qr + cols[None, :] * stride_qk,
-            mask=(rr[:, None] < R) & (cols[None, :] < K),
-            other=0.0,
-        )
+        u = _load_tile(u_ptr, rows, rr, R, 1, M, R)
+        q = _load_tile(q_ptr, rr, cols, stride_qr, stride_qk, R, K)
         adapter = tl.dot(u.to(q.dtype), q, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _keep_mask(seed, rows, pid_k * BLOCK_N, p, BLOCK_M, BLOCK_N)
             adapter = tl.where(keep, adapter * keep_scale, 0.0)
         acc += adapter
-    tl.store(
-        dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
-        acc.to(dx_ptr.dtype.element_ty),
-        mask=(rows[:, None] < M) & (cols[None, :] < K),
-    )
+    _store_tile(dx_ptr, rows, cols, stride_dxm, stride_dxk, M, K, acc.to(dx_ptr.dtype.element_ty))
 
 
 @triton.autotune(configs=get_rowblock_configs(), key=["M", "K", "BLOCK_R", "HAS_DROPOUT"], prune_configs_by=_PRUNE)
@@ -287,22 +246,14 @@ def _dq_bwd_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float64 if IS_FP64 else tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-            mask=(rows[:, None] < M) & (cols[None, :] < K),
-            other=0.0,
-        )
+        x = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, M, K)
         if HAS_DROPOUT:
             x = tl.where(_keep_mask(seed, rows, pid * BLOCK_K, p, BLOCK_M, BLOCK_K), x, 0.0)
-        u = tl.load(u_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
+        u = _load_tile(u_ptr, rows, rr, R, 1, M, R)
         acc += tl.dot(tl.trans(u.to(x.dtype)), x, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    tl.store(
-        dq_ptr + rr[:, None] * stride_dqr + cols[None, :] * stride_dqk,
-        acc.to(dq_ptr.dtype.element_ty),
-        mask=(rr[:, None] < R) & (cols[None, :] < K),
-    )
+    _store_tile(dq_ptr, rr, cols, stride_dqr, stride_dqk, R, K, acc.to(dq_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -311,11 +262,7 @@ def _keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl
     col0 = tl.program_id(1).to(tl.int64) * BLOCK_K
     cols = col0 + tl.arange(0, BLOCK_K)
     keep = _keep_mask(seed, rows, col0, p, BLOCK_M, BLOCK_K)
-    tl.store(
-        out_ptr + rows[:, None] * K + cols[None, :],
-        keep.to(tl.int8),
-        mask=(rows[:, None] < M) & (cols[None, :] < K),
-    )
+    _store_tile(out_ptr, rows, cols, K, 1, M, K, keep.to(tl.int8))
 
 
 # ----------------------------------------------------------------------------------------------- launchers

@@ -174,7 +174,7 @@ def make_case(
                 try:
                     peft_layer = peft_svd_linear(linear, r, lora_alpha, dropout).to(device=device, dtype=dtype)
                     with torch.no_grad():
-                        peft_layer.lora_E["default"].normal_(generator=None)
+                        peft_layer.lora_E["default"].normal_()
                 except ImportError as exc:
                     peft_layer = f"peft is not installed ({exc})"
             if isinstance(peft_layer, str) or name == "peft":
@@ -459,7 +459,7 @@ def block_memory_rows(dtype, dropout: float, device, quick: bool, init_r: int = 
 
     base = llama_block(dtype, device, quick)
     batch, seq = (2, 128) if quick else (4, 512)
-    ids = torch.randint(0, 1000, (batch, seq), device=device, generator=None)
+    ids = torch.randint(0, 1000, (batch, seq), device=device)
     variants: dict[str, nn.Module] = {}
     cfg = peft.AdaLoraConfig(init_r=init_r, target_r=init_r, lora_dropout=dropout, target_modules=MODULE_NAMES,
                              total_step=10)  # fmt: skip

@@ -36,14 +36,5 @@ def make_inputs(lead, in_f, out_f, r, dtype, *, bias=True, mask=False, device=DE
     return x, weight, b, P, lam, Q, rank_mask
 
 
-def tolerance(dtype: torch.dtype) -> dict:
-    return {
-        torch.float64: {"rtol": 1e-10, "atol": 1e-10},
-        torch.float32: {"rtol": 1e-5, "atol": 1e-5},
-        torch.float16: {"rtol": 1e-2, "atol": 1e-2},
-        torch.bfloat16: {"rtol": 5e-2, "atol": 5e-2},
-    }[dtype]
-
-
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0

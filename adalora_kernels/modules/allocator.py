@@ -157,9 +157,10 @@ class RankAllocator:
                 for d, v in zip(dst, src) if self._sharded else ((dst, src),):
                     d.copy_(v)
         self._keep = None if state["keep"] is None else state["keep"].to(self.triplets[0].lam.device)
-        self._final = state["final"]
-        if self._final:
-            self._apply_final_pattern()
+        self._final = False
+        if state["final"]:
+            self._freeze_pattern()
+            self._mask_lams()
 
     # ---------------------------------------------------------------------------------------- schedule
 
@@ -197,8 +198,9 @@ class RankAllocator:
         else:
             mask_lams([t.lam for t in self.triplets], self._keep, self.backend)
 
-    def _apply_final_pattern(self) -> None:
-        self._mask_lams()
+    def _freeze_pattern(self) -> None:
+        """Once: the last mask becomes the final pattern, and our layers take it as their rank_mask."""
+        self._final = True
         offset = 0
         for t in self.triplets:
             r = t.lam.numel()
@@ -231,8 +233,8 @@ class RankAllocator:
             else:
                 scores = triplet_scores(self._layout, self._ema_ipt, self._ema_unc)
             self._keep = threshold_keep(scores, self.init_bgt - budget)
-            self._final = True
-            self._apply_final_pattern()
+            self._freeze_pattern()
+            self._mask_lams()
             self.reset_ipt()
         else:
             if not self._final:
@@ -241,8 +243,8 @@ class RankAllocator:
                         f"RankAllocator.update_and_allocate: step {global_step} is past total_step - tfinal = "
                         f"{final_step}, but no mask was ever computed, so there is no rank pattern to apply"
                     )
-                self._final = True  # as PEFT: the last budgeting pattern becomes the final one
-            self._apply_final_pattern()
+                self._freeze_pattern()  # as PEFT: the last budgeting pattern becomes the final one
+            self._mask_lams()  # PEFT zero-fills the pruned λ at every step of the final phase
         return budget
 
     # ---------------------------------------------------------------------------------------- results

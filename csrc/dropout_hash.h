@@ -31,8 +31,15 @@ AK_HOST_DEVICE uint32_t dropout_row_key(uint64_t seed, uint64_t row) {
                 static_cast<uint32_t>(row >> 32));
 }
 
+// Per-column key: the inner round, the same for every row (loops over many rows compute it once).
+AK_HOST_DEVICE uint32_t dropout_col_key(uint32_t col) { return fmix32(col * 0x9e3779b1u + 0x632be5abu); }
+
+AK_HOST_DEVICE bool dropout_keep_keyed(uint32_t row_key, uint32_t col_key, uint32_t threshold) {
+  return (fmix32(col_key ^ row_key) >> 8) >= threshold;
+}
+
 AK_HOST_DEVICE bool dropout_keep(uint32_t row_key, uint32_t col, uint32_t threshold) {
-  return (fmix32(fmix32(col * 0x9e3779b1u + 0x632be5abu) ^ row_key) >> 8) >= threshold;
+  return dropout_keep_keyed(row_key, dropout_col_key(col), threshold);
 }
 
 // ceil(p * 2^24): P(keep) = 1 - threshold / 2^24, within 2^-24 of 1 - p.

@@ -14,6 +14,7 @@ SHAPES = [  # (leading dims, in, out, r): odd sizes beside round ones
     ((37,), 123, 431, 3),
     ((2, 5), 64, 48, 16),
     ((3, 1, 7), 33, 17, 12),
+    ((300,), 40, 56, 5),  # more rows than features (csrc folds the adapter into W), several row blocks
 ]
 S = 8 / (12 + 1e-5)
 

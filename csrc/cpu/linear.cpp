@@ -1,7 +1,13 @@
-// CPU implementation of the fused AdaLoRA linear layer. ATen GEMMs handle the large products and accumulate
-// in place (addmm_ with beta = 1, so no M x out temporaries). at::parallel_for over 64-row blocks handles
-// the dropout-masked parts: the shrink, the adapter term of dx, and dQ. Their mask is regenerated from the
-// seed, never stored; each block's mask is built once in a small uint8 buffer and used while it is in cache.
+// CPU implementation of the fused AdaLoRA linear layer.
+//
+// ATen GEMMs do every product; the layouts are chosen so that the skinny (rank r) products write an r-row
+// result (t^T = Q x^T, dt^T = P^T g^T, dP^T = (t lam)^T g), the shape oneDNN/MKL run two to three times
+// faster than their M x r transposes. The base GEMM accumulates in place (addmm_ with beta = 1 adds nothing
+// to its cost). Without dropout, in float32/float64 and when the tokens outnumber the features, the adapter
+// is folded into the weight for the big GEMMs (W + P diag(lam) Q costs out x in x r, less than the
+// M x out x r adapter term it replaces), so forward and dx cost one GEMM each. With dropout,
+// at::parallel_for over blocks of rows builds each block's mask once, from the seed, and uses it while the
+// block is in cache: the shrink in forward; the adapter term of dx and dQ in backward. No mask is stored.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,126 +22,216 @@
 namespace adalora_kernels {
 namespace {
 
-constexpr int64_t kRowBlock = 64;
-
-// mask[i * cols + k] = keep(row0 + i, k): 32-bit integer work only, vectorised where AVX2 is present.
-__attribute__((target_clones("avx2", "default"))) void keep_rows(uint8_t* mask, int64_t rows, int64_t cols,
-                                                                 int64_t row0, uint64_t seed, uint32_t threshold) {
+// mask[i * cols + k] = keep(row0 + i, k): 32-bit integer work only, vectorised where AVX2/AVX-512 is present.
+// col_key holds dropout_col_key(k) for every column, computed once per thread.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void keep_rows(uint8_t* mask, const uint32_t* col_key,
+                                                                            int64_t rows, int64_t cols, int64_t row0,
+                                                                            uint64_t seed, uint32_t threshold) {
   for (int64_t i = 0; i < rows; ++i) {
     const uint32_t key = dropout_row_key(seed, static_cast<uint64_t>(row0 + i));
     uint8_t* m = mask + i * cols;
-    for (int64_t k = 0; k < cols; ++k) m[k] = dropout_keep(key, static_cast<uint32_t>(k), threshold);
+    for (int64_t k = 0; k < cols; ++k) m[k] = dropout_keep_keyed(key, col_key[k], threshold);
   }
 }
 
-// out (row-major block) = or += mask * src * scale, computed in opmath (float for 16-bit types)
+// out[i, k] = mask[i, k] ? src[i, k] * scale : 0 for a block of rows with unit column stride (out may be src),
+// computed in opmath (float for 16-bit types).
 template <typename scalar_t>
-void apply_mask(scalar_t* out, const scalar_t* src, int64_t src_row_stride, int64_t src_col_stride,
-                const uint8_t* mask, int64_t rows, int64_t cols, double scale, bool accumulate) {
+void apply_mask(scalar_t* out, int64_t out_stride, const scalar_t* src, int64_t src_stride, const uint8_t* mask,
+                int64_t rows, int64_t cols, double scale) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t s = static_cast<acc_t>(scale);
   for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* src_row = src + i * src_row_stride;
+    const scalar_t* a = src + i * src_stride;
     const uint8_t* m = mask + i * cols;
-    scalar_t* o = out + i * cols;
-    for (int64_t k = 0; k < cols; ++k) {
-      const acc_t v = m[k] ? static_cast<acc_t>(src_row[k * src_col_stride]) * s : acc_t(0);
-      o[k] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(o[k]) + v : v);
+    scalar_t* o = out + i * out_stride;
+    for (int64_t k = 0; k < cols; ++k) {  // a select, not a branch, so it vectorises
+      const acc_t v = static_cast<acc_t>(a[k]) * s;
+      o[k] = static_cast<scalar_t>(m[k] ? v : acc_t(0));
     }
   }
 }
 
-// For each block of rows: build the mask, then call fn(row0, rows, mask) in parallel over blocks.
+// Rows per block of the parallel passes: at least two blocks per thread, at most 64 rows, the size at which
+// the rank-r GEMMs below run fastest single-threaded while the block stays in cache. The dropout mask
+// depends only on (seed, row, col), never on the blocking.
+int64_t row_block(int64_t M) {
+  const int64_t threads = at::get_num_threads();
+  return std::max<int64_t>(8, std::min<int64_t>(64, (M + 2 * threads - 1) / (2 * threads)));
+}
+
+// Calls fn(row0, rows, mask) in parallel over blocks of rows. The rank-r GEMMs run single-threaded inside
+// (oneDNN/MKL thread such skinny products poorly). With dropout, mask holds the block's rows x K keep-mask,
+// built once per block; without, it is null.
 template <typename Fn>
-void for_each_masked_block(int64_t M, int64_t K, int64_t seed, double dropout_p, Fn fn) {
+void for_each_block(int64_t M, int64_t K, int64_t seed, double dropout_p, Fn fn) {
   const uint32_t threshold = dropout_threshold(dropout_p);
-  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t block = row_block(M), blocks = (M + block - 1) / block;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit the caller's mode
-    std::vector<uint8_t> mask(kRowBlock * K);
+    std::vector<uint8_t> mask(dropout_p > 0.0 ? block * K : 0);
+    std::vector<uint32_t> col_key(dropout_p > 0.0 ? K : 0);
+    for (int64_t k = 0; k < static_cast<int64_t>(col_key.size()); ++k) col_key[k] = dropout_col_key(k);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t row0 = b * kRowBlock, rows = std::min(kRowBlock, M - row0);
-      keep_rows(mask.data(), rows, K, row0, static_cast<uint64_t>(seed), threshold);
-      fn(row0, rows, mask.data());
+      const int64_t row0 = b * block, rows = std::min(block, M - row0);
+      if (dropout_p > 0.0) {
+        keep_rows(mask.data(), col_key.data(), rows, K, row0, static_cast<uint64_t>(seed), threshold);
+      }
+      fn(row0, rows, dropout_p > 0.0 ? mask.data() : nullptr);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+// One accumulator per thread, zeroed on first use and summed at the end.
+class PerThread {
+ public:
+  PerThread(at::IntArrayRef shape, const at::TensorOptions& options)
+      : parts_(at::get_num_threads()), shape_(shape.vec()), options_(options) {}
+  at::Tensor& local() {
+    at::Tensor& acc = parts_[at::get_thread_num()];
+    if (!acc.defined()) acc = at::zeros(shape_, options_);
+    return acc;
+  }
+  at::Tensor sum() const {
+    at::Tensor total = at::zeros(shape_, options_);
+    for (const at::Tensor& acc : parts_)
+      if (acc.defined()) total.add_(acc);
+    return total;
+  }
+
+ private:
+  std::vector<at::Tensor> parts_;
+  std::vector<int64_t> shape_;
+  at::TensorOptions options_;
+};
+
+// drop(x) over rows [row0, row0 + rows): x's own rows without dropout, a masked copy with it.
+template <typename scalar_t>
+at::Tensor dropped_rows(const at::Tensor& x, int64_t row0, int64_t rows, const uint8_t* mask, double scale) {
+  const at::Tensor x_rows = x.narrow(0, row0, rows);
+  if (mask == nullptr) return x_rows;
+  const int64_t K = x.size(1);
+  at::Tensor xd = at::empty({rows, K}, x.options());
+  apply_mask(xd.data_ptr<scalar_t>(), K, x_rows.data_ptr<scalar_t>(), x.stride(0), mask, rows, K, scale);
+  return xd;
+}
+
+// Fold the adapter into the weight (W + P diag(lam) Q) for a GEMM over M rows? Only without dropout, in
+// float32/float64 (a 16-bit weight would round a small adapter away) and where it is cheaper than the
+// separate adapter term (M >= out_features in forward, M >= in_features for dx).
+bool fold_adapter(const at::Tensor& x, double dropout_p, int64_t M, int64_t features) {
+  return dropout_p == 0.0 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && M >= features;
+}
+
+at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& P, const at::Tensor& lam_eff,
+                         const at::Tensor& Q) {
+  return at::addmm(weight, P * lam_eff, Q);
+}
+
+// A contiguous copy of x when its columns are strided (the masked loops read rows with unit stride).
+at::Tensor unit_column_stride(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
+
+double dropout_scale(double dropout_p) { return 1.0 / (1.0 - dropout_p); }
+
+// t = drop(x) Q^T, computed as t^T blocks (r x rows); then y = x W^T + b + t diag(lam) P^T, either with the
+// adapter folded into W or as per-block y = b + t (P diag(lam))^T that the base GEMM accumulates into.
+std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                   const c10::optional<at::Tensor>& bias, const at::Tensor& P,
                                                   const at::Tensor& lam_eff, const at::Tensor& Q, double dropout_p,
                                                   int64_t seed) {
-  check_inputs("csrc_linear_fwd", x, weight, P, lam_eff, Q, dropout_p);
+  check_inputs("csrc_linear_fwd", x_in, weight, P, lam_eff, Q, dropout_p);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the autograd of this op lives one layer up
-  const int64_t M = x.size(0), K = x.size(1), R = lam_eff.size(0);
-  at::Tensor t = at::empty({M, R}, x.options());
-  if (dropout_p == 0.0 || R == 0) {
-    at::mm_out(t, x, Q.t());
-  } else {
-    const double scale = 1.0 / (1.0 - dropout_p);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_fwd", [&] {
-      for_each_masked_block(M, K, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
-        at::Tensor xd = at::empty({rows, K}, x.options());
-        apply_mask(xd.data_ptr<scalar_t>(), x.data_ptr<scalar_t>() + row0 * x.stride(0), x.stride(0), x.stride(1),
-                   mask, rows, K, scale, false);
-        at::Tensor t_rows = t.narrow(0, row0, rows);
-        at::mm_out(t_rows, xd, Q.t());
-      });
-    });
+  const at::Tensor x = unit_column_stride(x_in);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lam_eff.size(0);
+  if (R == 0) {
+    return {bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t()), at::empty({M, 0}, x.options())};
   }
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  if (R > 0) y.addmm_(t * lam_eff, P.t());
-  return {y, t};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& P,
-    const at::Tensor& lam_eff, const at::Tensor& Q, const at::Tensor& t, double dropout_p, int64_t seed,
-    bool need_dx, bool need_adapter) {
-  check_inputs("csrc_linear_bwd", x, weight, P, lam_eff, Q, dropout_p);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0),
-              "csrc_linear_bwd: grad must be (", x.size(0), ", ", weight.size(0), "), got shape ", grad.sizes());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == lam_eff.size(0),
-              "csrc_linear_bwd: t must be (", x.size(0), ", ", lam_eff.size(0), "), got shape ", t.sizes());
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t M = x.size(0), K = x.size(1), R = lam_eff.size(0);
-  const at::Tensor dt = at::mm(grad, P);
-  const at::Tensor u = dt * lam_eff;
-  at::Tensor dx = need_dx ? at::mm(grad, weight) : at::empty({0}, x.options());
-  at::Tensor dP = at::empty({0}, x.options()), dlam = at::empty({0}, x.options());
-  at::Tensor dQ = at::empty({0}, x.options());
-  if (need_adapter) {
-    dP = at::mm(grad.t(), t * lam_eff);
-    dlam = (dt * t).sum(0);
-  }
-  if (dropout_p == 0.0 || R == 0) {
-    if (need_dx && R > 0) dx.addmm_(u, Q);
-    if (need_adapter) dQ = at::mm(u.t(), x);
-    return {dx, dP, dlam, dQ};
-  }
-  const double scale = 1.0 / (1.0 - dropout_p);
-  std::vector<at::Tensor> partial_dQ(at::get_num_threads());  // one accumulator per thread, summed at the end
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_bwd", [&] {
-    for_each_masked_block(M, K, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
-      const at::Tensor u_rows = u.narrow(0, row0, rows);
-      if (need_dx) {  // dx rows += drop'(u Q)
-        const at::Tensor a = at::mm(u_rows, Q);
-        apply_mask(dx.data_ptr<scalar_t>() + row0 * K, a.data_ptr<scalar_t>(), K, 1, mask, rows, K, scale, true);
-      }
-      if (need_adapter) {  // dQ += u_rows^T drop(x_rows)
-        at::Tensor xd = at::empty({rows, K}, x.options());
-        apply_mask(xd.data_ptr<scalar_t>(), x.data_ptr<scalar_t>() + row0 * x.stride(0), x.stride(0), x.stride(1),
-                   mask, rows, K, scale, false);
-        at::Tensor& acc = partial_dQ[at::get_thread_num()];
-        if (!acc.defined()) acc = at::zeros({R, K}, x.options());
-        acc.addmm_(u_rows.t(), xd);
+  const bool fold = fold_adapter(x, dropout_p, M, N);
+  const at::Tensor P_lam_T = (P * lam_eff).t().contiguous();  // r x out
+  at::Tensor tT = at::empty({R, M}, x.options());
+  at::Tensor y = fold ? at::Tensor() : at::empty({M, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_fwd", [&] {
+    for_each_block(M, K, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
+      at::Tensor tT_rows = tT.narrow(1, row0, rows);
+      at::mm_out(tT_rows, Q, dropped_rows<scalar_t>(x, row0, rows, mask, dropout_scale(dropout_p)).t());
+      if (fold) return;
+      at::Tensor y_rows = y.narrow(0, row0, rows);
+      if (bias.has_value()) {
+        at::addmm_out(y_rows, *bias, tT_rows.t(), P_lam_T);
+      } else {
+        at::mm_out(y_rows, tT_rows.t(), P_lam_T);
       }
     });
   });
+  if (fold) {
+    const at::Tensor w = folded_weight(weight, P, lam_eff, Q);
+    y = bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+  } else {
+    y.addmm_(x, weight.t());
+  }
+  return {y, tT.t().contiguous()};
+}
+
+// dt = g P, dlam = sum_rows(dt * t), dP = g^T t diag(lam), dQ = diag(lam) dt^T drop(x) and
+// dx = g W + drop'(dt diag(lam) Q). One parallel pass over blocks of rows does every rank-r product while the
+// block's rows of g and x are in cache, with the block's dropout mask built once for dQ and dx; dx's adapter
+// term goes straight into dx and the base GEMM accumulates into it (or runs on the folded weight).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& P,
+    const at::Tensor& lam_eff, const at::Tensor& Q, const at::Tensor& t, double dropout_p, int64_t seed,
+    bool need_dx, bool need_adapter) {
+  check_inputs("csrc_linear_bwd", x_in, weight, P, lam_eff, Q, dropout_p);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x_in.size(0) && grad.size(1) == weight.size(0),
+              "csrc_linear_bwd: grad must be (", x_in.size(0), ", ", weight.size(0), "), got shape ", grad.sizes());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == x_in.size(0) && t.size(1) == lam_eff.size(0),
+              "csrc_linear_bwd: t must be (", x_in.size(0), ", ", lam_eff.size(0), "), got shape ", t.sizes());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor x = unit_column_stride(x_in);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lam_eff.size(0);
+  const auto opts = x.options();
+  at::Tensor dx = at::empty({0}, opts), dP = at::empty({0}, opts), dlam = at::empty({0}, opts);
+  at::Tensor dQ = at::empty({0}, opts);
+  if (R == 0) {
+    if (need_dx) dx = at::mm(grad, weight);
+    if (need_adapter) dP = at::zeros({N, 0}, opts), dlam = at::zeros({0}, opts), dQ = at::zeros({0, K}, opts);
+    return {dx, dP, dlam, dQ};
+  }
+  const bool fold = need_dx && fold_adapter(x, dropout_p, M, K);
+  const at::Tensor P_T = P.t().contiguous();                            // r x out
+  const at::Tensor t_lam_T = (t * lam_eff).t().contiguous();            // r x M
+  const at::Tensor lam_Q = Q * lam_eff.unsqueeze(1);                    // r x in
+  const at::Tensor dtT = at::empty({R, M}, opts);
+  if (need_dx && !fold) dx = at::empty({M, K}, opts);
+  PerThread dP_T(at::IntArrayRef{R, N}, opts), dQ_raw(at::IntArrayRef{R, K}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_bwd", [&] {
+    const double scale = dropout_p > 0.0 ? dropout_scale(dropout_p) : 1.0;
+    for_each_block(M, K, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
+      const at::Tensor g_rows = grad.narrow(0, row0, rows);
+      at::Tensor dtT_rows = dtT.narrow(1, row0, rows);
+      at::mm_out(dtT_rows, P_T, g_rows.t());
+      if (need_dx && !fold) {  // dx rows = drop'(dt diag(lam) Q)
+        at::Tensor dx_rows = dx.narrow(0, row0, rows);
+        at::mm_out(dx_rows, dtT_rows.t(), lam_Q);
+        if (mask != nullptr) {
+          scalar_t* d = dx_rows.data_ptr<scalar_t>();
+          apply_mask(d, K, d, K, mask, rows, K, scale);
+        }
+      }
+      if (need_adapter) {
+        dP_T.local().addmm_(t_lam_T.narrow(1, row0, rows), g_rows);
+        dQ_raw.local().addmm_(dtT_rows, dropped_rows<scalar_t>(x, row0, rows, mask, scale));
+      }
+    });
+  });
+  if (fold) {
+    dx = at::mm(grad, folded_weight(weight, P, lam_eff, Q));
+  } else if (need_dx) {
+    dx.addmm_(grad, weight);
+  }
   if (need_adapter) {
-    dQ = at::zeros({R, K}, x.options());
-    for (const at::Tensor& acc : partial_dQ)
-      if (acc.defined()) dQ.add_(acc);
+    dP = dP_T.sum().t().contiguous();
+    dlam = (dtT * t.t()).sum(1);
+    dQ = dQ_raw.sum().mul_(lam_eff.unsqueeze(1));
   }
   return {dx, dP, dlam, dQ};
 }
@@ -144,8 +240,9 @@ at::Tensor dropout_keep_mask_cpu(const at::Tensor& like, int64_t rows, int64_t c
   TORCH_CHECK(rows >= 0 && cols >= 0, "csrc_dropout_keep_mask: rows and cols must be >= 0, got ", rows, ", ", cols);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "csrc_dropout_keep_mask: dropout_p must be in [0, 1), got ",
               dropout_p);
-  at::Tensor out = at::empty({rows, cols}, like.options().dtype(at::kBool));
-  for_each_masked_block(rows, cols, seed, dropout_p, [&](int64_t row0, int64_t n, const uint8_t* mask) {
+  at::Tensor out = at::ones({rows, cols}, like.options().dtype(at::kBool));
+  if (dropout_p == 0.0) return out;
+  for_each_block(rows, cols, seed, dropout_p, [&](int64_t row0, int64_t n, const uint8_t* mask) {
     std::memcpy(out.data_ptr<bool>() + row0 * cols, mask, n * cols);
   });
   return out;

@@ -1,23 +1,25 @@
 // CPU implementation of the fused AdaLoRA linear layer.
 //
-// ATen GEMMs do every product; the layouts are chosen so that the skinny (rank r) products write an r-row
-// result (t^T = Q x^T, dt^T = P^T g^T, dP^T = (t lam)^T g), the shape oneDNN/MKL run two to three times
-// faster than their M x r transposes. The base GEMM accumulates in place (addmm_ with beta = 1 adds nothing
-// to its cost). Without dropout, in float32/float64 and when the tokens outnumber the features, the adapter
-// is folded into the weight for the big GEMMs (W + P diag(lam) Q costs out x in x r, less than the
-// M x out x r adapter term it replaces), so forward and dx cost one GEMM each. With dropout,
-// at::parallel_for over blocks of rows builds each block's mask once, from the seed, and uses it while the
-// block is in cache: the shrink in forward; the adapter term of dx and dQ in backward. No mask is stored.
+// The two big GEMMs (y = x W^T, dx = g W) are ATen's and accumulate in place into a buffer that already holds
+// the adapter term (addmm_ with beta = 1 costs the GEMM nothing). Everything of rank r runs in one
+// at::parallel_for pass over blocks of 64 rows while the block's rows of x and g are in cache: forward
+// t^T = Q drop(x)^T and y = b + t diag(lam) P^T; backward dt^T = P^T g^T, dx = drop'(dt diag(lam) Q),
+// dP^T += (t diag(lam))^T g and dQ_raw += dt^T drop(x). In float32 these are the register-tiled kernels of
+// rank_products.cpp; other dtypes use single-threaded ATen GEMMs on the same blocks, in the layouts
+// oneDNN/MKL run fastest (an r-row result). The dropout mask of a block is built once from the seed and
+// used while it is in cache; no mask is stored.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
 #include "../dropout_hash.h"
+#include "rank_products.h"
 
 namespace adalora_kernels {
 namespace {
@@ -60,24 +62,26 @@ int64_t row_block(int64_t M) {
   return std::max<int64_t>(8, std::min<int64_t>(64, (M + 2 * threads - 1) / (2 * threads)));
 }
 
-// Calls fn(row0, rows, mask) in parallel over blocks of rows. The rank-r GEMMs run single-threaded inside
-// (oneDNN/MKL thread such skinny products poorly). With dropout, mask holds the block's rows x K keep-mask,
-// built once per block; without, it is null.
+// Calls fn(row0, rows, mask, scratch) in parallel over blocks of rows. The rank-r products run single-threaded
+// inside (oneDNN/MKL thread such skinny products poorly). With dropout, mask holds the block's rows x K
+// keep-mask, built once per block, and scratch is a rows x K float buffer of the thread (for float32 x);
+// without, both are null.
 template <typename Fn>
-void for_each_block(int64_t M, int64_t K, int64_t seed, double dropout_p, Fn fn) {
+void for_each_block(const at::Tensor& x, int64_t seed, double dropout_p, Fn fn) {
+  const int64_t M = x.size(0), K = x.size(1);
   const uint32_t threshold = dropout_threshold(dropout_p);
   const int64_t block = row_block(M), blocks = (M + block - 1) / block;
+  const bool masked = dropout_p > 0.0, scratch_needed = masked && x.scalar_type() == at::kFloat;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit the caller's mode
-    std::vector<uint8_t> mask(dropout_p > 0.0 ? block * K : 0);
-    std::vector<uint32_t> col_key(dropout_p > 0.0 ? K : 0);
+    std::vector<uint8_t> mask(masked ? block * K : 0);
+    std::vector<float> scratch(scratch_needed ? block * K : 0);
+    std::vector<uint32_t> col_key(masked ? K : 0);
     for (int64_t k = 0; k < static_cast<int64_t>(col_key.size()); ++k) col_key[k] = dropout_col_key(k);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row0 = b * block, rows = std::min(block, M - row0);
-      if (dropout_p > 0.0) {
-        keep_rows(mask.data(), col_key.data(), rows, K, row0, static_cast<uint64_t>(seed), threshold);
-      }
-      fn(row0, rows, dropout_p > 0.0 ? mask.data() : nullptr);
+      if (masked) keep_rows(mask.data(), col_key.data(), rows, K, row0, static_cast<uint64_t>(seed), threshold);
+      fn(row0, rows, masked ? mask.data() : nullptr, scratch_needed ? scratch.data() : nullptr);
     }
   });
 }
@@ -116,25 +120,13 @@ at::Tensor dropped_rows(const at::Tensor& x, int64_t row0, int64_t rows, const u
   return xd;
 }
 
-// Fold the adapter into the weight (W + P diag(lam) Q) for a GEMM over M rows? Only without dropout, in
-// float32/float64 (a 16-bit weight would round a small adapter away) and where it is cheaper than the
-// separate adapter term (M >= out_features in forward, M >= in_features for dx).
-bool fold_adapter(const at::Tensor& x, double dropout_p, int64_t M, int64_t features) {
-  return dropout_p == 0.0 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && M >= features;
-}
-
-at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& P, const at::Tensor& lam_eff,
-                         const at::Tensor& Q) {
-  return at::addmm(weight, P * lam_eff, Q);
-}
-
 // A contiguous copy of x when its columns are strided (the masked loops read rows with unit stride).
 at::Tensor unit_column_stride(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
 
 double dropout_scale(double dropout_p) { return 1.0 / (1.0 - dropout_p); }
 
-// t = drop(x) Q^T, computed as t^T blocks (r x rows); then y = x W^T + b + t diag(lam) P^T, either with the
-// adapter folded into W or as per-block y = b + t (P diag(lam))^T that the base GEMM accumulates into.
+// t = drop(x) Q^T, computed as t^T blocks (r x rows), and per block y = b + t (P diag(lam))^T; then the base
+// GEMM accumulates x W^T into y.
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                   const c10::optional<at::Tensor>& bias, const at::Tensor& P,
                                                   const at::Tensor& lam_eff, const at::Tensor& Q, double dropout_p,
@@ -146,36 +138,45 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x_in, const 
   if (R == 0) {
     return {bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t()), at::empty({M, 0}, x.options())};
   }
-  const bool fold = fold_adapter(x, dropout_p, M, N);
+  const at::Tensor Q_c = Q.contiguous();
   const at::Tensor P_lam_T = (P * lam_eff).t().contiguous();  // r x out
+  const c10::optional<at::Tensor> b = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
   at::Tensor tT = at::empty({R, M}, x.options());
-  at::Tensor y = fold ? at::Tensor() : at::empty({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_fwd", [&] {
-    for_each_block(M, K, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
-      at::Tensor tT_rows = tT.narrow(1, row0, rows);
-      at::mm_out(tT_rows, Q, dropped_rows<scalar_t>(x, row0, rows, mask, dropout_scale(dropout_p)).t());
-      if (fold) return;
-      at::Tensor y_rows = y.narrow(0, row0, rows);
-      if (bias.has_value()) {
-        at::addmm_out(y_rows, *bias, tT_rows.t(), P_lam_T);
+    const double scale = dropout_p > 0.0 ? dropout_scale(dropout_p) : 1.0;
+    for_each_block(x, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask, float* scratch) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        float* t_ptr = tT.data_ptr<float>() + row0;
+        const float* x_ptr = x.data_ptr<float>() + row0 * x.stride(0);
+        int64_t ld_x = x.stride(0);
+        if (mask != nullptr) {
+          apply_mask(scratch, K, x_ptr, ld_x, mask, rows, K, scale);
+          x_ptr = scratch, ld_x = K;
+        }
+        rank_dot(t_ptr, M, x_ptr, ld_x, Q_c.data_ptr<float>(), K, rows, R, K);
+        rank_update(y.data_ptr<float>() + row0 * N, N, {t_ptr, 1, M}, P_lam_T.data_ptr<float>(), N,
+                    b.has_value() ? b->data_ptr<float>() : nullptr, rows, R, N);
       } else {
-        at::mm_out(y_rows, tT_rows.t(), P_lam_T);
+        at::Tensor tT_rows = tT.narrow(1, row0, rows);
+        at::mm_out(tT_rows, Q_c, dropped_rows<scalar_t>(x, row0, rows, mask, scale).t());
+        at::Tensor y_rows = y.narrow(0, row0, rows);
+        if (b.has_value()) {
+          at::addmm_out(y_rows, *b, tT_rows.t(), P_lam_T);
+        } else {
+          at::mm_out(y_rows, tT_rows.t(), P_lam_T);
+        }
       }
     });
   });
-  if (fold) {
-    const at::Tensor w = folded_weight(weight, P, lam_eff, Q);
-    y = bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
-  } else {
-    y.addmm_(x, weight.t());
-  }
+  y.addmm_(x, weight.t());
   return {y, tT.t().contiguous()};
 }
 
 // dt = g P, dlam = sum_rows(dt * t), dP = g^T t diag(lam), dQ = diag(lam) dt^T drop(x) and
 // dx = g W + drop'(dt diag(lam) Q). One parallel pass over blocks of rows does every rank-r product while the
 // block's rows of g and x are in cache, with the block's dropout mask built once for dQ and dx; dx's adapter
-// term goes straight into dx and the base GEMM accumulates into it (or runs on the folded weight).
+// term goes straight into dx and the base GEMM accumulates into it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& P,
     const at::Tensor& lam_eff, const at::Tensor& Q, const at::Tensor& t, double dropout_p, int64_t seed,
@@ -196,38 +197,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
     if (need_adapter) dP = at::zeros({N, 0}, opts), dlam = at::zeros({0}, opts), dQ = at::zeros({0, K}, opts);
     return {dx, dP, dlam, dQ};
   }
-  const bool fold = need_dx && fold_adapter(x, dropout_p, M, K);
-  const at::Tensor P_T = P.t().contiguous();                            // r x out
-  const at::Tensor t_lam_T = (t * lam_eff).t().contiguous();            // r x M
-  const at::Tensor lam_Q = Q * lam_eff.unsqueeze(1);                    // r x in
+  const at::Tensor g = unit_column_stride(grad);
+  const at::Tensor P_T = P.t().contiguous();              // r x out
+  const at::Tensor t_lam = (t * lam_eff).contiguous();    // M x r
+  const at::Tensor lam_Q = Q * lam_eff.unsqueeze(1);      // r x in
   const at::Tensor dtT = at::empty({R, M}, opts);
-  if (need_dx && !fold) dx = at::empty({M, K}, opts);
+  if (need_dx) dx = at::empty({M, K}, opts);
   PerThread dP_T(at::IntArrayRef{R, N}, opts), dQ_raw(at::IntArrayRef{R, K}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_bwd", [&] {
     const double scale = dropout_p > 0.0 ? dropout_scale(dropout_p) : 1.0;
-    for_each_block(M, K, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
-      const at::Tensor g_rows = grad.narrow(0, row0, rows);
-      at::Tensor dtT_rows = dtT.narrow(1, row0, rows);
-      at::mm_out(dtT_rows, P_T, g_rows.t());
-      if (need_dx && !fold) {  // dx rows = drop'(dt diag(lam) Q)
-        at::Tensor dx_rows = dx.narrow(0, row0, rows);
-        at::mm_out(dx_rows, dtT_rows.t(), lam_Q);
-        if (mask != nullptr) {
-          scalar_t* d = dx_rows.data_ptr<scalar_t>();
-          apply_mask(d, K, d, K, mask, rows, K, scale);
+    for_each_block(x, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask, float* scratch) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        const float* g_ptr = g.data_ptr<float>() + row0 * g.stride(0);
+        float* dt_ptr = dtT.data_ptr<float>() + row0;
+        const Factor dt_rows{dt_ptr, 1, M};
+        rank_dot(dt_ptr, M, g_ptr, g.stride(0), P_T.data_ptr<float>(), N, rows, R, N);
+        if (need_dx) {  // dx rows = drop'(dt diag(lam) Q)
+          float* dx_ptr = dx.data_ptr<float>() + row0 * K;
+          rank_update(dx_ptr, K, dt_rows, lam_Q.data_ptr<float>(), K, nullptr, rows, R, K);
+          if (mask != nullptr) apply_mask(dx_ptr, K, dx_ptr, K, mask, rows, K, scale);
         }
-      }
-      if (need_adapter) {
-        dP_T.local().addmm_(t_lam_T.narrow(1, row0, rows), g_rows);
-        dQ_raw.local().addmm_(dtT_rows, dropped_rows<scalar_t>(x, row0, rows, mask, scale));
+        if (need_adapter) {
+          rank_outer(dP_T.local().data_ptr<float>(), N, {t_lam.data_ptr<float>() + row0 * R, R, 1}, g_ptr,
+                     g.stride(0), rows, R, N);
+          const float* x_ptr = x.data_ptr<float>() + row0 * x.stride(0);
+          int64_t ld_x = x.stride(0);
+          if (mask != nullptr) {
+            apply_mask(scratch, K, x_ptr, ld_x, mask, rows, K, scale);
+            x_ptr = scratch, ld_x = K;
+          }
+          rank_outer(dQ_raw.local().data_ptr<float>(), K, dt_rows, x_ptr, ld_x, rows, R, K);
+        }
+      } else {
+        const at::Tensor g_rows = g.narrow(0, row0, rows);
+        at::Tensor dtT_rows = dtT.narrow(1, row0, rows);
+        at::mm_out(dtT_rows, P_T, g_rows.t());
+        if (need_dx) {
+          at::Tensor dx_rows = dx.narrow(0, row0, rows);
+          at::mm_out(dx_rows, dtT_rows.t(), lam_Q);
+          if (mask != nullptr) {
+            scalar_t* d = dx_rows.data_ptr<scalar_t>();
+            apply_mask(d, K, d, K, mask, rows, K, scale);
+          }
+        }
+        if (need_adapter) {
+          dP_T.local().addmm_(t_lam.narrow(0, row0, rows).t(), g_rows);
+          dQ_raw.local().addmm_(dtT_rows, dropped_rows<scalar_t>(x, row0, rows, mask, scale));
+        }
       }
     });
   });
-  if (fold) {
-    dx = at::mm(grad, folded_weight(weight, P, lam_eff, Q));
-  } else if (need_dx) {
-    dx.addmm_(grad, weight);
-  }
+  if (need_dx) dx.addmm_(g, weight);
   if (need_adapter) {
     dP = dP_T.sum().t().contiguous();
     dlam = (dtT * t.t()).sum(1);
@@ -242,7 +262,7 @@ at::Tensor dropout_keep_mask_cpu(const at::Tensor& like, int64_t rows, int64_t c
               dropout_p);
   at::Tensor out = at::ones({rows, cols}, like.options().dtype(at::kBool));
   if (dropout_p == 0.0) return out;
-  for_each_block(rows, cols, seed, dropout_p, [&](int64_t row0, int64_t n, const uint8_t* mask) {
+  for_each_block(out, seed, dropout_p, [&](int64_t row0, int64_t n, const uint8_t* mask, float*) {
     std::memcpy(out.data_ptr<bool>() + row0 * cols, mask, n * cols);
   });
   return out;

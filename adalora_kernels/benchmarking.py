@@ -1,12 +1,22 @@
 """The one setup factory and the measurements behind ``adalora-kernels bench|memory`` and ``benchmarks/``.
 
 Protocol (DESIGN §5): every variant runs on the same inputs in the same process; on the CPU the variants are
-interleaved (A B C A B C …) and medians are compared, on a GPU ``triton.testing.do_bench`` (CUDA events,
-L2 flushed) gives medians. Ratios are taken between variants of the same run only.
+interleaved (A B C, B C A, C A B, …: each round starts one variant later) and medians are compared, on a GPU
+``triton.testing.do_bench`` (CUDA events, L2 flushed) gives medians. Ratios are taken between variants of the
+same run only.
+
+On the CPU, glibc gives the pages of a freed large block back to the system and the next allocation of that
+size faults them in again, so whichever variant runs after a memory-hungry one (PEFT's dropout) paid for its
+frees: up to 8 % of a step at 2048×1024×1024. ``steady_cpu_heap`` keeps freed memory in the heap for the
+whole benchmark (what a training loop reaches by itself after a few steps), which makes CPU timings
+repeatable; ``environment`` records that it did.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import platform
 import statistics
@@ -74,6 +84,24 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+@functools.cache
+def steady_cpu_heap() -> str | None:
+    """Keep freed memory in the process heap (glibc only): a description of what was set, or ``None``."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mmap_max = 32 << 20  # glibc's ceiling for the mmap threshold on 64-bit machines
+        if not (libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(_M_MMAP_THRESHOLD, mmap_max)):
+            return None
+    except (OSError, AttributeError):
+        return None
+    return "glibc mallopt: M_TRIM_THRESHOLD=1GiB, M_MMAP_THRESHOLD=32MiB"
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "device": device_name(device),
@@ -82,6 +110,8 @@ def environment(device: torch.device) -> dict:
         "date": date.today().isoformat(),
         "python": platform.python_version(),
     }
+    if device.type == "cpu":
+        env["cpu_heap"] = steady_cpu_heap()
     try:
         import triton
 
@@ -229,13 +259,21 @@ def step_fn(module: nn.Module, case: Case, mode: str) -> tuple[Callable[[], None
     return (lambda: holder["y"].backward(case.grad)), setup
 
 
+def _rotated(names: list[str], i: int) -> list[str]:
+    """Round ``i`` of an interleaved run starts ``i`` variants later, so no variant always follows another."""
+    k = i % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 def time_cpu_interleaved(case: Case, mode: str, rounds: int, warmup: int = 2) -> dict[str, float]:
     """Median milliseconds per runnable variant, round-robin so noise hits every variant alike."""
+    steady_cpu_heap()
     runnable = {k: v for k, v in case.variants.items() if isinstance(v, nn.Module)}
     fns = {k: step_fn(m, case, mode) for k, m in runnable.items()}
     samples: dict[str, list[float]] = {k: [] for k in runnable}
     for i in range(warmup + rounds):
-        for name, (timed, setup) in fns.items():
+        for name in _rotated(list(fns), i):
+            timed, setup = fns[name]
             if setup is not None:
                 setup()
             _sync(case.device)
@@ -399,13 +437,15 @@ def allocator_pair(blocks: int, hidden: int, mlp: int, init_r: int, dtype, devic
 
 
 def time_calls(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
-    """Median ms of each callable, interleaved, after one warm-up round."""
+    """Median ms of each callable, interleaved (rotating order), after one warm-up round."""
+    if device.type == "cpu":
+        steady_cpu_heap()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(rounds + 1):
-        for name, fn in fns.items():
+        for name in _rotated(list(fns), i):
             _sync(device)
             start = time.perf_counter()
-            fn()
+            fns[name]()
             _sync(device)
             if i:
                 samples[name].append((time.perf_counter() - start) * 1e3)

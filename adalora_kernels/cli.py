@@ -21,7 +21,7 @@ import torch
 
 from . import benchmarking as bm
 
-QUICK_BENCH = {"shapes": [(1024, 512, 512)], "rounds": 10, "modes": ["fwd_bwd"], "blocks": 32, "hidden": 128}
+QUICK_BENCH = {"shapes": [(2048, 1024, 1024)], "rounds": 20, "modes": ["fwd_bwd"], "blocks": 32, "hidden": 128}
 QUICK_MEMORY = {"shapes": [(512, 256, 256)], "ranks": [4, 16, 64]}
 
 
@@ -65,7 +65,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--variants", type=_choice("variant", bm.all_variants()), nargs="+",
                    help=f"subset of: {', '.join(bm.all_variants())}")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="small shapes and few rounds (< 2 minutes on 2 CPU cores)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="bench: the 2048×1024×1024 shape, fwd+bwd only; memory: one small shape, three ranks "
+        "(each < 2 minutes on 2 CPU cores)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON (DESIGN §5)")
     p.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
     p.add_argument("--plot", metavar="FILE.png", help="plot the results")

@@ -97,3 +97,13 @@ def test_tiny_memory_run(tmp_path):
     ours = [r for r in rows if r["variant"] == "torch" and r["dropout"] == 0.1]
     assert ours and all(r["peft_over_ours_beyond_x"] >= 5 for r in ours)  # the memory target, measured
     assert {r["budget_r"] for r in rows if r["r"] == 16} == {16, 4}  # a pruned budget too
+
+
+def test_interleaved_rounds_rotate_and_the_cpu_heap_is_recorded():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    bm.time_calls(fns, rounds=3, device=bm.torch.device("cpu"))
+    # one warm-up round, then three; each starts one variant later, so none always follows another
+    assert calls == list("abcbcacababc")
+    env = bm.environment(bm.torch.device("cpu"))
+    assert "cpu_heap" in env and env["cpu_heap"] == bm.steady_cpu_heap()

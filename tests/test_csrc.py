@@ -1,6 +1,9 @@
 """The native (csrc) backend: its TORCH_CHECKs and its dropout mask (the maths is in the shared tests)."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,3 +91,20 @@ def test_mask_is_the_documented_hash(seed):
     keep = keep_mask("csrc", (rows, cols), p, seed).cpu()
     expected = torch.tensor([[_keep(seed, r, c, p) for c in range(cols)] for r in range(rows)])
     assert torch.equal(keep, expected)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_float32_kernels_of_every_instruction_set(isa):
+    """The float32 rank-r kernels are built per instruction set and the widest one runs here; force the
+    others (ADALORA_KERNELS_CPU_ISA, read once per process) and check them against the fp64 reference."""
+    script = (
+        "import torch\n"
+        "from test_adalora_linear import SHAPES, check_against_reference\n"
+        "for lead, i, o, r in SHAPES:\n"
+        "    check_against_reference('csrc', torch.float32, lead, i, o, r, mask=r > 2)\n"
+        "    check_against_reference('csrc', torch.float32, lead, i, o, r, bias=False, p=0.2)\n"
+    )
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "ADALORA_KERNELS_CPU_ISA": isa, "PYTHONPATH": tests}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tests, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -83,6 +83,23 @@ def test_non_contiguous_input(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_non_contiguous_parameters(backend, p):
+    """weight, P and Q as transposed views (as PEFT's fan_in_fan_out layers hand them over): same as contiguous."""
+    x, w, b, P, lam, Q, m = make_inputs((70,), 40, 24, 5, torch.float32, mask=True)
+    views = [v.T.contiguous().T for v in (w, P, Q)]
+    assert not any(v.is_contiguous() for v in views)
+    leaves = [v.requires_grad_() for v in (x, P, lam, Q)]
+    view_leaves = [v.requires_grad_() for v in views[1:]]
+    g = torch.randn(70, 24, generator=torch.Generator().manual_seed(1))
+    y = run(backend, x, w, b, P, lam, Q, m, p, seed=3)
+    yv = run(backend, x, views[0], b, *view_leaves[:1], lam, view_leaves[1], m, p, seed=3)
+    torch.testing.assert_close(yv, y)
+    grads = torch.autograd.grad(y, [leaves[0], leaves[1], leaves[3]], g)
+    torch.testing.assert_close(torch.autograd.grad(yv, [leaves[0], *view_leaves], g), grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_gradcheck_fp64(backend, p):
     x, w, b, P, lam, Q, m = make_inputs((2, 3), 9, 7, 3, torch.float64, mask=True)

@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
   const at::Tensor g = unit_column_stride(grad);
   const at::Tensor P_T = P.t().contiguous();              // r x out
   const at::Tensor t_lam = (t * lam_eff).contiguous();    // M x r
-  const at::Tensor lam_Q = Q * lam_eff.unsqueeze(1);      // r x in
+  const at::Tensor lam_Q = (Q * lam_eff.unsqueeze(1)).contiguous();  // r x in
   const at::Tensor dtT = at::empty({R, M}, opts);
   if (need_dx) dx = at::empty({M, K}, opts);
   PerThread dP_T(at::IntArrayRef{R, N}, opts), dQ_raw(at::IntArrayRef{R, K}, opts);

@@ -4,17 +4,16 @@
 // the adapter term (addmm_ with beta = 1 costs the GEMM nothing). Everything of rank r runs in one
 // at::parallel_for pass over blocks of 64 rows while the block's rows of x and g are in cache: forward
 // t^T = Q drop(x)^T and y = b + t diag(lam) P^T; backward dt^T = P^T g^T, dx = drop'(dt diag(lam) Q),
-// dP^T += (t diag(lam))^T g and dQ_raw += dt^T drop(x). In float32 these are the register-tiled kernels of
-// rank_products.cpp; other dtypes use single-threaded ATen GEMMs on the same blocks, in the layouts
-// oneDNN/MKL run fastest (an r-row result). The dropout mask of a block is built once from the seed and
-// used while it is in cache; no mask is stored.
+// dP^T += (t diag(lam))^T g and dQ_raw += dt^T drop(x). For float32 and 16-bit inputs these are the
+// register-tiled float32 kernels of rank_products.cpp (16-bit blocks converted to float32 in cache, sums kept
+// in float32); float64 uses single-threaded ATen GEMMs on the same blocks, in the layouts oneDNN/MKL run
+// fastest (an r-row result). The dropout mask of a block is built once from the seed and used while it is
+// in cache; no mask is stored.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -36,20 +35,19 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void keep_rows(uint
   }
 }
 
-// out[i, k] = mask[i, k] ? src[i, k] * scale : 0 for a block of rows with unit column stride (out may be src),
-// computed in opmath (float for 16-bit types).
+// out[i, k] = mask[i, k] ? src[i, k] * scale : 0 for a block of rows with unit column stride (out may be src);
+// scalar_t is float or double.
 template <typename scalar_t>
 void apply_mask(scalar_t* out, int64_t out_stride, const scalar_t* src, int64_t src_stride, const uint8_t* mask,
                 int64_t rows, int64_t cols, double scale) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t s = static_cast<acc_t>(scale);
+  const scalar_t s = static_cast<scalar_t>(scale);
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* a = src + i * src_stride;
     const uint8_t* m = mask + i * cols;
     scalar_t* o = out + i * out_stride;
     for (int64_t k = 0; k < cols; ++k) {  // a select, not a branch, so it vectorises
-      const acc_t v = static_cast<acc_t>(a[k]) * s;
-      o[k] = static_cast<scalar_t>(m[k] ? v : acc_t(0));
+      const scalar_t v = a[k] * s;
+      o[k] = m[k] ? v : scalar_t(0);
     }
   }
 }
@@ -62,26 +60,23 @@ int64_t row_block(int64_t M) {
   return std::max<int64_t>(8, std::min<int64_t>(64, (M + 2 * threads - 1) / (2 * threads)));
 }
 
-// Calls fn(row0, rows, mask, scratch) in parallel over blocks of rows. The rank-r products run single-threaded
-// inside (oneDNN/MKL thread such skinny products poorly). With dropout, mask holds the block's rows x K
-// keep-mask, built once per block, and scratch is a rows x K float buffer of the thread (for float32 x);
-// without, both are null.
+// Calls fn(row0, rows, mask) in parallel over blocks of rows. The rank-r products run single-threaded inside
+// (oneDNN/MKL thread such skinny products poorly). With dropout, mask holds the block's rows x K keep-mask,
+// built once per block; without, it is null.
 template <typename Fn>
-void for_each_block(const at::Tensor& x, int64_t seed, double dropout_p, Fn fn) {
-  const int64_t M = x.size(0), K = x.size(1);
+void for_each_block(int64_t M, int64_t K, int64_t seed, double dropout_p, Fn fn) {
   const uint32_t threshold = dropout_threshold(dropout_p);
   const int64_t block = row_block(M), blocks = (M + block - 1) / block;
-  const bool masked = dropout_p > 0.0, scratch_needed = masked && x.scalar_type() == at::kFloat;
+  const bool masked = dropout_p > 0.0;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit the caller's mode
     std::vector<uint8_t> mask(masked ? block * K : 0);
-    std::vector<float> scratch(scratch_needed ? block * K : 0);
     std::vector<uint32_t> col_key(masked ? K : 0);
     for (int64_t k = 0; k < static_cast<int64_t>(col_key.size()); ++k) col_key[k] = dropout_col_key(k);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row0 = b * block, rows = std::min(block, M - row0);
       if (masked) keep_rows(mask.data(), col_key.data(), rows, K, row0, static_cast<uint64_t>(seed), threshold);
-      fn(row0, rows, masked ? mask.data() : nullptr, scratch_needed ? scratch.data() : nullptr);
+      fn(row0, rows, masked ? mask.data() : nullptr);
     }
   });
 }
@@ -109,24 +104,153 @@ class PerThread {
   at::TensorOptions options_;
 };
 
-// drop(x) over rows [row0, row0 + rows): x's own rows without dropout, a masked copy with it.
-template <typename scalar_t>
+// A contiguous copy of x when its columns are strided (the block loops read rows with unit stride).
+at::Tensor unit_column_stride(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
+
+double dropout_scale(double dropout_p) { return dropout_p > 0.0 ? 1.0 / (1.0 - dropout_p) : 1.0; }
+
+// ---- float32 and 16-bit inputs: the float32 kernels of rank_products.cpp, accumulating in float32
+
+at::Tensor f32(const at::Tensor& a) { return a.to(at::kFloat).contiguous(); }
+
+// Rows [row0, row0 + rows) of a (unit column stride) as float32, dropped out with mask when it is not null:
+// a's own memory when a is float32 and nothing is dropped, else a float32 copy kept alive by holder.
+struct FloatRows {
+  const float* data;
+  int64_t ld;
+  at::Tensor holder;
+};
+
+FloatRows float_rows(const at::Tensor& a, int64_t row0, int64_t rows, const uint8_t* mask, double scale) {
+  const at::Tensor a_rows = a.narrow(0, row0, rows);
+  if (a.scalar_type() == at::kFloat && mask == nullptr) return {a_rows.data_ptr<float>(), a.stride(0), {}};
+  at::Tensor copy = a.scalar_type() == at::kFloat ? at::empty(a_rows.sizes(), a.options()) : a_rows.to(at::kFloat);
+  const float* src = a.scalar_type() == at::kFloat ? a_rows.data_ptr<float>() : copy.data_ptr<float>();
+  const int64_t ld = a.scalar_type() == at::kFloat ? a.stride(0) : a.size(1);
+  if (mask != nullptr) apply_mask(copy.data_ptr<float>(), a.size(1), src, ld, mask, rows, a.size(1), scale);
+  return {copy.data_ptr<float>(), a.size(1), copy};
+}
+
+// Where a float32 kernel writes rows [row0, row0 + rows) of out: out itself when it is float32, else a float32
+// buffer that store_rows then rounds into out.
+float* rows_to_write(at::Tensor& out, int64_t row0, int64_t rows, at::Tensor& buffer) {
+  if (out.scalar_type() == at::kFloat) return out.data_ptr<float>() + row0 * out.stride(0);
+  buffer = at::empty({rows, out.size(1)}, out.options().dtype(at::kFloat));
+  return buffer.data_ptr<float>();
+}
+
+void store_rows(at::Tensor& out, int64_t row0, int64_t rows, const at::Tensor& buffer) {
+  if (buffer.defined()) out.narrow(0, row0, rows).copy_(buffer);
+}
+
+// t^T = Q drop(x)^T per block (float32, r x M) and y = b + t (P diag(lam))^T per block; returns t^T.
+at::Tensor adapter_fwd_float(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& P,
+                             const at::Tensor& lam_eff, const at::Tensor& Q, double dropout_p, int64_t seed,
+                             at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = P.size(0), R = lam_eff.size(0);
+  const at::Tensor Q_f = f32(Q), P_lam_T = f32((P * lam_eff).t());  // r x in, r x out
+  const at::Tensor b = bias.has_value() ? f32(*bias) : at::Tensor();
+  at::Tensor tT = at::empty({R, M}, x.options().dtype(at::kFloat));
+  for_each_block(M, K, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
+    float* t_ptr = tT.data_ptr<float>() + row0;
+    const FloatRows xd = float_rows(x, row0, rows, mask, dropout_scale(dropout_p));
+    rank_dot(t_ptr, M, xd.data, xd.ld, Q_f.data_ptr<float>(), K, rows, R, K);
+    at::Tensor buffer;
+    rank_update(rows_to_write(y, row0, rows, buffer), N, {t_ptr, 1, M}, P_lam_T.data_ptr<float>(), N,
+                b.defined() ? b.data_ptr<float>() : nullptr, rows, R, N);
+    store_rows(y, row0, rows, buffer);
+  });
+  return tT;
+}
+
+// dt^T = P^T g^T (float32, r x M), dx = drop'(dt diag(lam) Q) per block, and the float32 sums of
+// dP^T = (t diag(lam))^T g and dQ_raw = dt^T drop(x).
+void adapter_bwd_float(const at::Tensor& g, const at::Tensor& x, const at::Tensor& P, const at::Tensor& lam_eff,
+                       const at::Tensor& Q, const at::Tensor& t, double dropout_p, int64_t seed, bool need_adapter,
+                       at::Tensor& dtT, at::Tensor* dx, at::Tensor& dP_T, at::Tensor& dQ_raw) {
+  const int64_t M = x.size(0), K = x.size(1), N = P.size(0), R = lam_eff.size(0);
+  const auto opts = x.options().dtype(at::kFloat);
+  const at::Tensor lam_f = lam_eff.to(at::kFloat);
+  const at::Tensor P_T = f32(P.t()), t_lam = f32(t.to(at::kFloat) * lam_f), lam_Q = f32(Q.to(at::kFloat) * lam_f.unsqueeze(1));
+  dtT = at::empty({R, M}, opts);
+  PerThread dP_parts(at::IntArrayRef{R, N}, opts), dQ_parts(at::IntArrayRef{R, K}, opts);
+  const double scale = dropout_scale(dropout_p);
+  for_each_block(M, K, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
+    const FloatRows g_rows = float_rows(g, row0, rows, nullptr, 1.0);
+    float* dt_ptr = dtT.data_ptr<float>() + row0;
+    const Factor dt{dt_ptr, 1, M};
+    rank_dot(dt_ptr, M, g_rows.data, g_rows.ld, P_T.data_ptr<float>(), N, rows, R, N);
+    if (dx != nullptr) {  // dx rows = drop'(dt diag(lam) Q)
+      at::Tensor buffer;
+      float* dx_ptr = rows_to_write(*dx, row0, rows, buffer);
+      rank_update(dx_ptr, K, dt, lam_Q.data_ptr<float>(), K, nullptr, rows, R, K);
+      if (mask != nullptr) apply_mask(dx_ptr, K, dx_ptr, K, mask, rows, K, scale);
+      store_rows(*dx, row0, rows, buffer);
+    }
+    if (need_adapter) {
+      rank_outer(dP_parts.local().data_ptr<float>(), N, {t_lam.data_ptr<float>() + row0 * R, R, 1}, g_rows.data,
+                 g_rows.ld, rows, R, N);
+      const FloatRows xd = float_rows(x, row0, rows, mask, scale);
+      rank_outer(dQ_parts.local().data_ptr<float>(), K, dt, xd.data, xd.ld, rows, R, K);
+    }
+  });
+  if (need_adapter) dP_T = dP_parts.sum(), dQ_raw = dQ_parts.sum();
+}
+
+// ---- float64: the same blocks through single-threaded ATen GEMMs, in the layouts oneDNN/MKL run fastest
+
 at::Tensor dropped_rows(const at::Tensor& x, int64_t row0, int64_t rows, const uint8_t* mask, double scale) {
   const at::Tensor x_rows = x.narrow(0, row0, rows);
   if (mask == nullptr) return x_rows;
-  const int64_t K = x.size(1);
-  at::Tensor xd = at::empty({rows, K}, x.options());
-  apply_mask(xd.data_ptr<scalar_t>(), K, x_rows.data_ptr<scalar_t>(), x.stride(0), mask, rows, K, scale);
+  at::Tensor xd = at::empty(x_rows.sizes(), x.options());
+  apply_mask(xd.data_ptr<double>(), x.size(1), x_rows.data_ptr<double>(), x.stride(0), mask, rows, x.size(1), scale);
   return xd;
 }
 
-// A contiguous copy of x when its columns are strided (the masked loops read rows with unit stride).
-at::Tensor unit_column_stride(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
+at::Tensor adapter_fwd_double(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& P,
+                              const at::Tensor& lam_eff, const at::Tensor& Q, double dropout_p, int64_t seed,
+                              at::Tensor& y) {
+  const at::Tensor P_lam_T = (P * lam_eff).t().contiguous();
+  at::Tensor tT = at::empty({lam_eff.size(0), x.size(0)}, x.options());
+  for_each_block(x.size(0), x.size(1), seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
+    at::Tensor tT_rows = tT.narrow(1, row0, rows), y_rows = y.narrow(0, row0, rows);
+    at::mm_out(tT_rows, Q, dropped_rows(x, row0, rows, mask, dropout_scale(dropout_p)).t());
+    if (bias.has_value()) {
+      at::addmm_out(y_rows, *bias, tT_rows.t(), P_lam_T);
+    } else {
+      at::mm_out(y_rows, tT_rows.t(), P_lam_T);
+    }
+  });
+  return tT;
+}
 
-double dropout_scale(double dropout_p) { return 1.0 / (1.0 - dropout_p); }
+void adapter_bwd_double(const at::Tensor& g, const at::Tensor& x, const at::Tensor& P, const at::Tensor& lam_eff,
+                        const at::Tensor& Q, const at::Tensor& t, double dropout_p, int64_t seed, bool need_adapter,
+                        at::Tensor& dtT, at::Tensor* dx, at::Tensor& dP_T, at::Tensor& dQ_raw) {
+  const int64_t M = x.size(0), K = x.size(1), N = P.size(0), R = lam_eff.size(0);
+  const at::Tensor P_T = P.t().contiguous(), t_lam = t * lam_eff, lam_Q = Q * lam_eff.unsqueeze(1);
+  dtT = at::empty({R, M}, x.options());
+  PerThread dP_parts(at::IntArrayRef{R, N}, x.options()), dQ_parts(at::IntArrayRef{R, K}, x.options());
+  const double scale = dropout_scale(dropout_p);
+  for_each_block(M, K, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
+    const at::Tensor g_rows = g.narrow(0, row0, rows);
+    at::Tensor dtT_rows = dtT.narrow(1, row0, rows);
+    at::mm_out(dtT_rows, P_T, g_rows.t());
+    if (dx != nullptr) {
+      at::Tensor dx_rows = dx->narrow(0, row0, rows);
+      at::mm_out(dx_rows, dtT_rows.t(), lam_Q);
+      if (mask != nullptr) apply_mask(dx_rows.data_ptr<double>(), K, dx_rows.data_ptr<double>(), K, mask, rows, K, scale);
+    }
+    if (need_adapter) {
+      dP_parts.local().addmm_(t_lam.narrow(0, row0, rows).t(), g_rows);
+      dQ_parts.local().addmm_(dtT_rows, dropped_rows(x, row0, rows, mask, scale));
+    }
+  });
+  if (need_adapter) dP_T = dP_parts.sum(), dQ_raw = dQ_parts.sum();
+}
 
-// t = drop(x) Q^T, computed as t^T blocks (r x rows), and per block y = b + t (P diag(lam))^T; then the base
-// GEMM accumulates x W^T into y.
+// y = x W^T + b + t diag(lam) P^T with t = drop(x) Q^T: the adapter term and bias first, per block, then the
+// base GEMM accumulates x W^T into y. Returns (y, t).
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                   const c10::optional<at::Tensor>& bias, const at::Tensor& P,
                                                   const at::Tensor& lam_eff, const at::Tensor& Q, double dropout_p,
@@ -134,43 +258,16 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x_in, const 
   check_inputs("csrc_linear_fwd", x_in, weight, P, lam_eff, Q, dropout_p);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the autograd of this op lives one layer up
   const at::Tensor x = unit_column_stride(x_in);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lam_eff.size(0);
+  const int64_t M = x.size(0), N = weight.size(0), R = lam_eff.size(0);
   if (R == 0) {
     return {bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t()), at::empty({M, 0}, x.options())};
   }
-  const at::Tensor Q_c = Q.contiguous();
-  const at::Tensor P_lam_T = (P * lam_eff).t().contiguous();  // r x out
-  const c10::optional<at::Tensor> b = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
-  at::Tensor tT = at::empty({R, M}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_fwd", [&] {
-    const double scale = dropout_p > 0.0 ? dropout_scale(dropout_p) : 1.0;
-    for_each_block(x, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask, float* scratch) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        float* t_ptr = tT.data_ptr<float>() + row0;
-        const float* x_ptr = x.data_ptr<float>() + row0 * x.stride(0);
-        int64_t ld_x = x.stride(0);
-        if (mask != nullptr) {
-          apply_mask(scratch, K, x_ptr, ld_x, mask, rows, K, scale);
-          x_ptr = scratch, ld_x = K;
-        }
-        rank_dot(t_ptr, M, x_ptr, ld_x, Q_c.data_ptr<float>(), K, rows, R, K);
-        rank_update(y.data_ptr<float>() + row0 * N, N, {t_ptr, 1, M}, P_lam_T.data_ptr<float>(), N,
-                    b.has_value() ? b->data_ptr<float>() : nullptr, rows, R, N);
-      } else {
-        at::Tensor tT_rows = tT.narrow(1, row0, rows);
-        at::mm_out(tT_rows, Q_c, dropped_rows<scalar_t>(x, row0, rows, mask, scale).t());
-        at::Tensor y_rows = y.narrow(0, row0, rows);
-        if (b.has_value()) {
-          at::addmm_out(y_rows, *b, tT_rows.t(), P_lam_T);
-        } else {
-          at::mm_out(y_rows, tT_rows.t(), P_lam_T);
-        }
-      }
-    });
-  });
+  const at::Tensor tT = x.scalar_type() == at::kDouble
+                            ? adapter_fwd_double(x, bias, P, lam_eff, Q, dropout_p, seed, y)
+                            : adapter_fwd_float(x, bias, P, lam_eff, Q, dropout_p, seed, y);
   y.addmm_(x, weight.t());
-  return {y, tT.t().contiguous()};
+  return {y, tT.t().to(x.scalar_type()).contiguous()};
 }
 
 // dt = g P, dlam = sum_rows(dt * t), dP = g^T t diag(lam), dQ = diag(lam) dt^T drop(x) and
@@ -198,60 +295,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
     return {dx, dP, dlam, dQ};
   }
   const at::Tensor g = unit_column_stride(grad);
-  const at::Tensor P_T = P.t().contiguous();              // r x out
-  const at::Tensor t_lam = (t * lam_eff).contiguous();    // M x r
-  const at::Tensor lam_Q = (Q * lam_eff.unsqueeze(1)).contiguous();  // r x in
-  const at::Tensor dtT = at::empty({R, M}, opts);
   if (need_dx) dx = at::empty({M, K}, opts);
-  PerThread dP_T(at::IntArrayRef{R, N}, opts), dQ_raw(at::IntArrayRef{R, K}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_bwd", [&] {
-    const double scale = dropout_p > 0.0 ? dropout_scale(dropout_p) : 1.0;
-    for_each_block(x, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask, float* scratch) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        const float* g_ptr = g.data_ptr<float>() + row0 * g.stride(0);
-        float* dt_ptr = dtT.data_ptr<float>() + row0;
-        const Factor dt_rows{dt_ptr, 1, M};
-        rank_dot(dt_ptr, M, g_ptr, g.stride(0), P_T.data_ptr<float>(), N, rows, R, N);
-        if (need_dx) {  // dx rows = drop'(dt diag(lam) Q)
-          float* dx_ptr = dx.data_ptr<float>() + row0 * K;
-          rank_update(dx_ptr, K, dt_rows, lam_Q.data_ptr<float>(), K, nullptr, rows, R, K);
-          if (mask != nullptr) apply_mask(dx_ptr, K, dx_ptr, K, mask, rows, K, scale);
-        }
-        if (need_adapter) {
-          rank_outer(dP_T.local().data_ptr<float>(), N, {t_lam.data_ptr<float>() + row0 * R, R, 1}, g_ptr,
-                     g.stride(0), rows, R, N);
-          const float* x_ptr = x.data_ptr<float>() + row0 * x.stride(0);
-          int64_t ld_x = x.stride(0);
-          if (mask != nullptr) {
-            apply_mask(scratch, K, x_ptr, ld_x, mask, rows, K, scale);
-            x_ptr = scratch, ld_x = K;
-          }
-          rank_outer(dQ_raw.local().data_ptr<float>(), K, dt_rows, x_ptr, ld_x, rows, R, K);
-        }
-      } else {
-        const at::Tensor g_rows = g.narrow(0, row0, rows);
-        at::Tensor dtT_rows = dtT.narrow(1, row0, rows);
-        at::mm_out(dtT_rows, P_T, g_rows.t());
-        if (need_dx) {
-          at::Tensor dx_rows = dx.narrow(0, row0, rows);
-          at::mm_out(dx_rows, dtT_rows.t(), lam_Q);
-          if (mask != nullptr) {
-            scalar_t* d = dx_rows.data_ptr<scalar_t>();
-            apply_mask(d, K, d, K, mask, rows, K, scale);
-          }
-        }
-        if (need_adapter) {
-          dP_T.local().addmm_(t_lam.narrow(0, row0, rows).t(), g_rows);
-          dQ_raw.local().addmm_(dtT_rows, dropped_rows<scalar_t>(x, row0, rows, mask, scale));
-        }
-      }
-    });
-  });
+  at::Tensor dtT, dP_T, dQ_raw;  // in float32, or float64 for float64 inputs
+  if (x.scalar_type() == at::kDouble) {
+    adapter_bwd_double(g, x, P, lam_eff, Q, t, dropout_p, seed, need_adapter, dtT, need_dx ? &dx : nullptr, dP_T,
+                       dQ_raw);
+  } else {
+    adapter_bwd_float(g, x, P, lam_eff, Q, t, dropout_p, seed, need_adapter, dtT, need_dx ? &dx : nullptr, dP_T,
+                      dQ_raw);
+  }
   if (need_dx) dx.addmm_(g, weight);
   if (need_adapter) {
-    dP = dP_T.sum().t().contiguous();
-    dlam = (dtT * t.t()).sum(1);
-    dQ = dQ_raw.sum().mul_(lam_eff.unsqueeze(1));
+    const at::Tensor lam = lam_eff.to(dtT.scalar_type());
+    dP = dP_T.t().to(x.scalar_type()).contiguous();
+    dlam = (dtT * t.t().to(dtT.scalar_type())).sum(1).to(x.scalar_type());
+    dQ = dQ_raw.mul_(lam.unsqueeze(1)).to(x.scalar_type());
   }
   return {dx, dP, dlam, dQ};
 }
@@ -262,7 +320,7 @@ at::Tensor dropout_keep_mask_cpu(const at::Tensor& like, int64_t rows, int64_t c
               dropout_p);
   at::Tensor out = at::ones({rows, cols}, like.options().dtype(at::kBool));
   if (dropout_p == 0.0) return out;
-  for_each_block(out, seed, dropout_p, [&](int64_t row0, int64_t n, const uint8_t* mask, float*) {
+  for_each_block(rows, cols, seed, dropout_p, [&](int64_t row0, int64_t n, const uint8_t* mask) {
     std::memcpy(out.data_ptr<bool>() + row0 * cols, mask, n * cols);
   });
   return out;

@@ -249,6 +249,13 @@ void adapter_bwd_double(const at::Tensor& g, const at::Tensor& x, const at::Tens
   if (need_adapter) dP_T = dP_parts.sum(), dQ_raw = dQ_parts.sum();
 }
 
+// 16-bit inputs without dropout skip the blocks: whole-matrix oneDNN GEMMs with native bf16/fp16 dot products
+// beat converting blocks to float32 for the kernels there (about 1.2x against 1.32x nn.Linear fwd+bwd, bf16,
+// 2048x1024x1024, on an AVX-512-BF16 CPU).
+bool whole_matrix_16bit(const at::Tensor& x, double dropout_p) {
+  return dropout_p == 0.0 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf);
+}
+
 // y = x W^T + b + t diag(lam) P^T with t = drop(x) Q^T: the adapter term and bias first, per block, then the
 // base GEMM accumulates x W^T into y. Returns (y, t).
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight,
@@ -261,6 +268,11 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x_in, const 
   const int64_t M = x.size(0), N = weight.size(0), R = lam_eff.size(0);
   if (R == 0) {
     return {bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t()), at::empty({M, 0}, x.options())};
+  }
+  if (whole_matrix_16bit(x, dropout_p)) {
+    const at::Tensor t = at::mm(x, Q.t()), t_lam = t * lam_eff;
+    at::Tensor y = bias.has_value() ? at::addmm(*bias, t_lam, P.t()) : at::mm(t_lam, P.t());
+    return {y.addmm_(x, weight.t()), t};
   }
   at::Tensor y = at::empty({M, N}, x.options());
   const at::Tensor tT = x.scalar_type() == at::kDouble
@@ -295,6 +307,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
     return {dx, dP, dlam, dQ};
   }
   const at::Tensor g = unit_column_stride(grad);
+  if (whole_matrix_16bit(x, dropout_p)) {
+    const at::Tensor dt = at::mm(g, P), du = dt * lam_eff;
+    if (need_dx) dx = at::mm(du, Q).addmm_(g, weight);
+    if (need_adapter) {
+      dP = at::mm(g.t(), t * lam_eff);
+      dlam = (dt.to(at::kFloat) * t.to(at::kFloat)).sum(0).to(x.scalar_type());
+      dQ = at::mm(du.t(), x);
+    }
+    return {dx, dP, dlam, dQ};
+  }
   if (need_dx) dx = at::empty({M, K}, opts);
   at::Tensor dtT, dP_T, dQ_raw;  // in float32, or float64 for float64 inputs
   if (x.scalar_type() == at::kDouble) {

@@ -59,10 +59,16 @@ def test_matches_reference(backend, dtype, lead, in_f, out_f, r):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("bias,mask,p", [(False, True, 0.0), (True, False, 0.25), (False, True, 0.1)])
 def test_bias_mask_dropout(backend, dtype, bias, mask, p):
     check_against_reference(backend, dtype, (3, 11), 40, 24, 5, bias=bias, mask=mask, p=p)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # the interpreter's bf16 dot is wrong
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_bfloat16(backend, p):
+    check_against_reference(backend, torch.bfloat16, (70,), 40, 56, 5, mask=True, p=p)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -160,7 +160,7 @@ using Baseline = Tiles<4, 2, 6, 6, 4>;
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AK_X86 1
-using Avx2 = Tiles<8, 2, 6, 6, 4>;
+using Avx2 = Tiles<8, 3, 4, 6, 4>;  // 3 x 4 dot tiles: 10 % faster than 2 x 6 here
 using Avx512 = Tiles<16, 4, 6, 6, 4>;
 #endif
 

@@ -93,6 +93,12 @@ def test_mask_is_the_documented_hash(seed):
     assert torch.equal(keep, expected)
 
 
+def _run_with_isa(isa: str, script: str) -> subprocess.CompletedProcess:
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "ADALORA_KERNELS_CPU_ISA": isa, "PYTHONPATH": tests}
+    return subprocess.run([sys.executable, "-c", script], env=env, cwd=tests, capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_float32_kernels_of_every_instruction_set(isa):
     """The float32 rank-r kernels are built per instruction set and the widest one runs here; force the
@@ -104,7 +110,15 @@ def test_float32_kernels_of_every_instruction_set(isa):
         "    check_against_reference('csrc', torch.float32, lead, i, o, r, mask=r > 2)\n"
         "    check_against_reference('csrc', torch.float32, lead, i, o, r, bias=False, p=0.2)\n"
     )
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "ADALORA_KERNELS_CPU_ISA": isa, "PYTHONPATH": tests}
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tests, capture_output=True, text=True)
+    done = _run_with_isa(isa, script)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_unknown_instruction_set_is_refused():
+    script = (
+        "import torch, adalora_kernels as ak\nak.AdaLoRALinear(8, 4, init_r=2, backend='csrc')(torch.randn(3, 8))\n"
+    )
+    done = _run_with_isa("avx3", script)
+    assert (
+        done.returncode != 0 and "ADALORA_KERNELS_CPU_ISA: expected baseline, avx2 or avx512, got 'avx3'" in done.stderr
+    )

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 
 // Vectors are only passed between inlined helpers, never across an ABI boundary.
@@ -198,6 +199,9 @@ const Table& table() {
   static const Table chosen = [] {
     const char* env = std::getenv("ADALORA_KERNELS_CPU_ISA");
     const std::string want = env != nullptr ? env : "";
+    if (!want.empty() && want != "baseline" && want != "avx2" && want != "avx512") {
+      throw std::invalid_argument("ADALORA_KERNELS_CPU_ISA: expected baseline, avx2 or avx512, got '" + want + "'");
+    }
     if (want == "baseline") return baseline_table;
 #ifdef AK_X86
     __builtin_cpu_init();

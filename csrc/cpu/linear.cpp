@@ -123,12 +123,16 @@ struct FloatRows {
 
 FloatRows float_rows(const at::Tensor& a, int64_t row0, int64_t rows, const uint8_t* mask, double scale) {
   const at::Tensor a_rows = a.narrow(0, row0, rows);
-  if (a.scalar_type() == at::kFloat && mask == nullptr) return {a_rows.data_ptr<float>(), a.stride(0), {}};
-  at::Tensor copy = a.scalar_type() == at::kFloat ? at::empty(a_rows.sizes(), a.options()) : a_rows.to(at::kFloat);
-  const float* src = a.scalar_type() == at::kFloat ? a_rows.data_ptr<float>() : copy.data_ptr<float>();
-  const int64_t ld = a.scalar_type() == at::kFloat ? a.stride(0) : a.size(1);
-  if (mask != nullptr) apply_mask(copy.data_ptr<float>(), a.size(1), src, ld, mask, rows, a.size(1), scale);
-  return {copy.data_ptr<float>(), a.size(1), copy};
+  const int64_t K = a.size(1);
+  if (a.scalar_type() != at::kFloat) {  // convert, then drop out in place
+    at::Tensor copy = a_rows.to(at::kFloat);
+    if (mask != nullptr) apply_mask(copy.data_ptr<float>(), K, copy.data_ptr<float>(), K, mask, rows, K, scale);
+    return {copy.data_ptr<float>(), K, copy};
+  }
+  if (mask == nullptr) return {a_rows.data_ptr<float>(), a.stride(0), {}};
+  at::Tensor copy = at::empty({rows, K}, a.options());
+  apply_mask(copy.data_ptr<float>(), K, a_rows.data_ptr<float>(), a.stride(0), mask, rows, K, scale);
+  return {copy.data_ptr<float>(), K, copy};
 }
 
 // Where a float32 kernel writes rows [row0, row0 + rows) of out: out itself when it is float32, else a float32
@@ -151,9 +155,10 @@ at::Tensor adapter_fwd_float(const at::Tensor& x, const c10::optional<at::Tensor
   const at::Tensor Q_f = f32(Q), P_lam_T = f32((P * lam_eff).t());  // r x in, r x out
   const at::Tensor b = bias.has_value() ? f32(*bias) : at::Tensor();
   at::Tensor tT = at::empty({R, M}, x.options().dtype(at::kFloat));
+  const double scale = dropout_scale(dropout_p);
   for_each_block(M, K, seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
     float* t_ptr = tT.data_ptr<float>() + row0;
-    const FloatRows xd = float_rows(x, row0, rows, mask, dropout_scale(dropout_p));
+    const FloatRows xd = float_rows(x, row0, rows, mask, scale);
     rank_dot(t_ptr, M, xd.data, xd.ld, Q_f.data_ptr<float>(), K, rows, R, K);
     at::Tensor buffer;
     rank_update(rows_to_write(y, row0, rows, buffer), N, {t_ptr, 1, M}, P_lam_T.data_ptr<float>(), N,
@@ -171,7 +176,8 @@ void adapter_bwd_float(const at::Tensor& g, const at::Tensor& x, const at::Tenso
   const int64_t M = x.size(0), K = x.size(1), N = P.size(0), R = lam_eff.size(0);
   const auto opts = x.options().dtype(at::kFloat);
   const at::Tensor lam_f = lam_eff.to(at::kFloat);
-  const at::Tensor P_T = f32(P.t()), t_lam = f32(t.to(at::kFloat) * lam_f), lam_Q = f32(Q.to(at::kFloat) * lam_f.unsqueeze(1));
+  const at::Tensor P_T = f32(P.t()), t_lam = f32(t.to(at::kFloat) * lam_f);
+  const at::Tensor lam_Q = f32(Q.to(at::kFloat) * lam_f.unsqueeze(1));
   dtT = at::empty({R, M}, opts);
   PerThread dP_parts(at::IntArrayRef{R, N}, opts), dQ_parts(at::IntArrayRef{R, K}, opts);
   const double scale = dropout_scale(dropout_p);
@@ -212,9 +218,10 @@ at::Tensor adapter_fwd_double(const at::Tensor& x, const c10::optional<at::Tenso
                               at::Tensor& y) {
   const at::Tensor P_lam_T = (P * lam_eff).t().contiguous();
   at::Tensor tT = at::empty({lam_eff.size(0), x.size(0)}, x.options());
+  const double scale = dropout_scale(dropout_p);
   for_each_block(x.size(0), x.size(1), seed, dropout_p, [&](int64_t row0, int64_t rows, const uint8_t* mask) {
     at::Tensor tT_rows = tT.narrow(1, row0, rows), y_rows = y.narrow(0, row0, rows);
-    at::mm_out(tT_rows, Q, dropped_rows(x, row0, rows, mask, dropout_scale(dropout_p)).t());
+    at::mm_out(tT_rows, Q, dropped_rows(x, row0, rows, mask, scale).t());
     if (bias.has_value()) {
       at::addmm_out(y_rows, *bias, tT_rows.t(), P_lam_T);
     } else {
@@ -239,7 +246,8 @@ void adapter_bwd_double(const at::Tensor& g, const at::Tensor& x, const at::Tens
     if (dx != nullptr) {
       at::Tensor dx_rows = dx->narrow(0, row0, rows);
       at::mm_out(dx_rows, dtT_rows.t(), lam_Q);
-      if (mask != nullptr) apply_mask(dx_rows.data_ptr<double>(), K, dx_rows.data_ptr<double>(), K, mask, rows, K, scale);
+      double* d = dx_rows.data_ptr<double>();
+      if (mask != nullptr) apply_mask(d, K, d, K, mask, rows, K, scale);
     }
     if (need_adapter) {
       dP_parts.local().addmm_(t_lam.narrow(0, row0, rows).t(), g_rows);
@@ -267,7 +275,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x_in, const 
   const at::Tensor x = unit_column_stride(x_in);
   const int64_t M = x.size(0), N = weight.size(0), R = lam_eff.size(0);
   if (R == 0) {
-    return {bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t()), at::empty({M, 0}, x.options())};
+    at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+    return {y, at::empty({M, 0}, x.options())};
   }
   if (whole_matrix_16bit(x, dropout_p)) {
     const at::Tensor t = at::mm(x, Q.t()), t_lam = t * lam_eff;

@@ -6,6 +6,9 @@ CUDA part where torch is a CUDA build and a CUDA toolkit is found), ``1``, ``0``
 ``MAX_JOBS`` are honoured (torch.utils.cpp_extension). torch must be importable by the build: use
 ``pip install --no-build-isolation``, as for other torch extensions; without it the package installs
 without the extension and works on its torch/Triton backends.
+
+The sources and flags below are also read by ``scripts/cuda_build_check.py``, which compiles and links the
+CUDA build against the CUDA build of torch on a machine without one.
 """
 
 import os
@@ -14,6 +17,21 @@ import sys
 from glob import glob
 
 from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# no FMA contraction (results match the reference's rounding); no trapping maths, so the dropout
+# select loops vectorise (it changes no result, only lets a multiply run for a masked element)
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "--fmad=false"]
+LINK_FLAGS = ["-fopenmp"]
+
+
+def cpu_sources() -> list[str]:
+    return ["csrc/adalora_kernels.cpp", *sorted(glob("csrc/cpu/*.cpp", root_dir=ROOT))]
+
+
+def cuda_sources() -> list[str]:
+    return sorted(glob("csrc/cuda/*.cpp", root_dir=ROOT)) + sorted(glob("csrc/cuda/*.cu", root_dir=ROOT))
 
 
 def _native_build():
@@ -35,19 +53,15 @@ def _native_build():
         return [], {}
     cuda_mode = os.environ.get("ADALORA_KERNELS_BUILD_CUDA", "auto")
     with_cuda = cuda_mode == "1" or (cuda_mode == "auto" and torch.version.cuda is not None and CUDA_HOME is not None)
-    sources = ["csrc/adalora_kernels.cpp", *sorted(glob("csrc/cpu/*.cpp"))]
-    # no FMA contraction (results match the reference's rounding); no trapping maths, so the dropout
-    # select loops vectorise (it changes no result, only lets a multiply run for a masked element)
-    cxx = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
-    kwargs = {"extra_compile_args": {"cxx": cxx}, "extra_link_args": ["-fopenmp"]}
+    kwargs = {"extra_compile_args": {"cxx": list(CXX_FLAGS)}, "extra_link_args": list(LINK_FLAGS)}
     if with_cuda:
-        sources += sorted(glob("csrc/cuda/*.cpp")) + sorted(glob("csrc/cuda/*.cu"))
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--fmad=false"]
-        ext = CUDAExtension("adalora_kernels._C", sources, **kwargs)
+        kwargs["extra_compile_args"]["nvcc"] = list(NVCC_FLAGS)
+        ext = CUDAExtension("adalora_kernels._C", cpu_sources() + cuda_sources(), **kwargs)
     else:
-        ext = CppExtension("adalora_kernels._C", sources, **kwargs)
+        ext = CppExtension("adalora_kernels._C", cpu_sources(), **kwargs)
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
-ext_modules, cmdclass = _native_build()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # setuptools runs this file as __main__; the build check imports it for the lists above
+    ext_modules, cmdclass = _native_build()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

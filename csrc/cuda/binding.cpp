@@ -1,6 +1,7 @@
 // The torch side of the csrc backend's CUDA implementation: checks, cuBLAS GEMMs through ATen (accumulating
 // into the same outputs), and the launches of the kernels in this folder on the current stream.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>

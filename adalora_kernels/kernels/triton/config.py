@@ -25,7 +25,8 @@ def shared_memory_bytes() -> int:
     try:
         import torch
 
-        props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        props = triton.runtime.driver.active.utils.get_device_properties(device)
         return int(props["max_shared_mem"])
     except Exception:
         return 160 * 1024

@@ -1,0 +1,127 @@
+"""Compile the Triton kernels for a GPU architecture on a machine without a GPU (or a driver).
+
+Inside ``compile_only(arch)``, every launch of a Triton kernel compiles, for ``sm_<arch>``, each autotune config
+that the kernel's prune keeps (with that architecture's shared memory), records the compiled kernel and
+launches nothing. Registers and spills are read from the cubin with the ``cuobjdump`` of the Triton wheel,
+shared memory from the compiled metadata: measured, not estimated. Used by the compile tests and
+``benchmarks/triton_compile_sweep.py``; the launchers run unchanged, on CPU tensors whose contents are unused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+# shared memory a block may opt in to, per compute capability (CUDA programming guide, table of limits)
+SHARED_MEMORY = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_M")
+
+
+@dataclasses.dataclass
+class CompiledVariant:
+    kernel: str
+    arch: int
+    constants: dict  # the constexpr arguments (tiles and feature flags)
+    num_warps: int
+    num_stages: int
+    shared: int  # bytes of shared memory per block, from the compiled metadata
+    registers: int  # per thread, from the cubin
+    local: int  # bytes of local memory per thread (register spills), from the cubin
+    seconds: float  # compile time (0 for a kernel already in Triton's cache)
+    fits: bool  # shared <= the architecture's per-block limit
+
+    @property
+    def spills(self) -> bool:
+        return self.local > 0
+
+
+class _CompileOnlyDriver:
+    """What Triton's launch path asks of the active driver, for a GPU that is not there."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+        self.utils = self  # utils.get_device_properties, read by the shared-memory prune
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": SHARED_MEMORY[self.arch], "multiprocessor_count": 132 if self.arch >= 90 else 108}
+
+    def get_current_device(self):
+        return f"compile-only-sm_{self.arch}"  # keys Triton's per-device kernel cache
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_benchmarker(self):
+        raise RuntimeError("compile_only: nothing is timed without a GPU")
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, local-memory bytes per thread) of the one function in ``cubin``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    if match is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
+    return int(match.group(1)), max(int(match.group(2)), int(match.group(3)))
+
+
+@contextlib.contextmanager
+def compile_only(arch: int) -> Iterator[list[CompiledVariant]]:
+    """Within the block, Triton launches compile for ``sm_<arch>`` and are recorded in the yielded list."""
+    if arch not in SHARED_MEMORY:
+        raise ValueError(f"arch: expected one of {sorted(SHARED_MEMORY)}, got {arch!r}")
+    records: list[CompiledVariant] = []
+    jit_run, tuner_run = JITFunction.run, Autotuner.run
+
+    def run_jit(self, *args, grid, warmup, **kwargs):
+        start = time.perf_counter()
+        kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        seconds = time.perf_counter() - start
+        kernel._init_handles = lambda: None  # never loaded: there is no driver
+        registers, local = resource_usage(kernel.asm["cubin"])
+        constants = {name: value for name, value in kwargs.items() if name.isupper()}
+        meta = kernel.metadata
+        records.append(
+            CompiledVariant(
+                self.__name__, arch, constants, meta.num_warps, meta.num_stages, meta.shared, registers, local,
+                seconds, meta.shared <= SHARED_MEMORY[arch],
+            )
+        )  # fmt: skip
+        return kernel
+
+    def run_tuner(self, *args, **kwargs):
+        kwargs.pop("warmup", None)
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = self.prune_configs(kwargs)
+        self.nargs = None
+        for config in configs:
+            self.fn.run(*args, warmup=True, **kwargs, **config.all_kwargs())
+
+    previous = triton.runtime.driver._active  # None where no GPU driver was ever made active
+    triton.runtime.driver.set_active(_CompileOnlyDriver(arch))
+    JITFunction.run, Autotuner.run = run_jit, run_tuner
+    try:
+        yield records
+    finally:
+        JITFunction.run, Autotuner.run = jit_run, tuner_run
+        triton.runtime.driver.set_active(previous)

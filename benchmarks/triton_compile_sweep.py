@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     table = summary(rows)
     import triton
 
-    print(f"\n{len(rows)} kernel variants compiled in {time.perf_counter() - start:.0f} s (Triton {triton.__version__})")
+    seconds = time.perf_counter() - start
+    print(f"\n{len(rows)} kernel variants compiled in {seconds:.0f} s (Triton {triton.__version__})")
     print(f"{'kernel':24s} {'arch':>5s} {'dtype':>9s} {'vars':>4s} {'smem KiB':>8s} {'regs':>4s} "
           f"{'spill B':>7s} {'#spill':>6s} {'max s':>6s}")  # fmt: skip
     for t in table:

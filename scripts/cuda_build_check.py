@@ -101,7 +101,7 @@ def find_cuda_home(cuda_version: str) -> Path:
     if os.environ.get("CUDA_HOME"):
         home = Path(os.environ["CUDA_HOME"])
     else:
-        candidates = sorted(Path("/usr/local").glob("cuda-*"), reverse=True) + [Path("/usr/local/cuda")]
+        candidates = [*sorted(Path("/usr/local").glob("cuda-*"), reverse=True), Path("/usr/local/cuda")]
         major = cuda_version.split(".")[0]
         matching = [c for c in candidates if (_nvcc_version(c / "bin/nvcc") or "").split(".")[0] == major]
         if not matching:

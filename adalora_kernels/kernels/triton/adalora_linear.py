@@ -1,15 +1,27 @@
 """Triton kernels of the fused AdaLoRA linear layer (DESIGN §4) and their launchers.
 
 Forward:  (1) shrink ``t = drop(x) Qᵀ``;  (2) ``y = x Wᵀ + b + (t · λeff) Pᵀ``, adapter in the epilogue.
-Backward: (3) one pass over g: ``u = (g P) · λeff``, ``dP = gᵀ (t · λeff)``, ``dλeff = Σ_rows (g P) ⊙ t``;
-          (4) ``dx = g W + drop'(u Q)`` with the adapter in the epilogue;  (5) ``dQ = uᵀ drop(x)``.
+Backward: (3) one pass over g: ``u = (g P) · λeff`` and ``dλeff = Σ_rows (g P) ⊙ t`` (a partial per row block);
+          (4) ``dx = g W + drop'(u Q)`` with the adapter in the epilogue;
+          (5) the rank-r reductions over rows ``dQ = uᵀ drop(x)`` and ``dPᵀ = (t · λeff)ᵀ g``.
+
+No atomics: a reduction over rows that is split across programs (for parallelism at small token counts)
+writes one partial per split, summed in a fixed order, so every result is bitwise reproducible
+(``torch.use_deterministic_algorithms`` holds by construction). Offsets are int64 (``_offsets``).
 
 Dropout: element (row, col) of the M×in input is kept when a uniform drawn from
 ``philox(seed, col // 4, row)`` (word ``col % 4``) is ``>= p``, so the mask depends only on the seed and the
-element's position and is regenerated bit-for-bit in backward: it is never stored.
+element's position and is regenerated bit-for-bit in backward: it is never stored. ``seed`` is always an
+int64 argument and ``keep_scale`` a float64 one, so neither value makes a new compile, and float64 kernels
+scale by the exact ``1 / (1 - p)``.
+
+Autotuning keys name every shape argument and feature flag; the token count enters through its power-of-two
+bucket ``M_BUCKET`` (``M`` itself is not specialised), so a new batch length reuses the tuned config.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -18,6 +30,8 @@ import triton.language as tl
 from .config import get_autotune_configs, get_rowblock_configs, prune_by_shared_memory
 
 _PRUNE = {"early_config_prune": prune_by_shared_memory}
+_UNSPECIALISED = ["M", "M_BUCKET", "seed"]
+_ROW_KEY = ["M_BUCKET", "K", "BLOCK_R"]
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -36,11 +50,26 @@ def _keep_mask(seed, rows, col0, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
 
 
 @triton.jit
+def _scaled(acc, keep_scale, IS_FP64: tl.constexpr):
+    """``acc · keep_scale``; keep_scale is a float64 argument, rounded to float32 for the other dtypes."""
+    if IS_FP64:
+        return acc * keep_scale
+    else:
+        return acc * tl.cast(keep_scale, tl.float32)
+
+
+@triton.jit
+def _offsets(rows, cols, stride_rows, stride_cols):
+    """Element offsets of a ``rows × cols`` tile, in int64 whatever the index types (M·in passes 2³¹)."""
+    return rows.to(tl.int64)[:, None] * stride_rows + cols.to(tl.int64)[None, :] * stride_cols
+
+
+@triton.jit
 def _load_tile(ptr, rows, cols, stride_rows, stride_cols, n_rows, n_cols):
     """The ``rows × cols`` tile at ``ptr`` (a transposed one by swapping rows/cols and their strides), zero
     outside ``n_rows × n_cols``."""
     return tl.load(
-        ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols,
+        ptr + _offsets(rows, cols, stride_rows, stride_cols),
         mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
         other=0.0,
     )
@@ -49,7 +78,7 @@ def _load_tile(ptr, rows, cols, stride_rows, stride_cols, n_rows, n_cols):
 @triton.jit
 def _store_tile(ptr, rows, cols, stride_rows, stride_cols, n_rows, n_cols, value):
     tl.store(
-        ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols,
+        ptr + _offsets(rows, cols, stride_rows, stride_cols),
         value,
         mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
     )
@@ -71,26 +100,31 @@ def _swizzle(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 # ----------------------------------------------------------------------------------------------- kernels
 
 
-@triton.autotune(configs=get_rowblock_configs(), key=["M", "K", "BLOCK_R", "HAS_DROPOUT"], prune_configs_by=_PRUNE)
-@triton.jit
+@triton.autotune(
+    configs=get_rowblock_configs(), key=[*_ROW_KEY, "SPLITS", "HAS_DROPOUT", "DOT_PRECISION"], prune_configs_by=_PRUNE
+)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _shrink_fwd_kernel(
-    # pointers
-    x_ptr, q_ptr, t_ptr,
+    # pointers: x (M, K), Q (R, K), out (SPLITS, M, R): t itself where SPLITS = 1, else fp32 partials over K
+    x_ptr, q_ptr, out_ptr,
     # sizes
-    M, K, R,
+    M, K, R, M_BUCKET, SPLITS,
     # strides
-    stride_xm, stride_xk, stride_qr, stride_qk, stride_tm, stride_tr,
+    stride_xm, stride_xk, stride_qr, stride_qk, stride_os, stride_om, stride_or,
     # dropout
-    seed, p, keep_scale,
+    seed: tl.int64, p, keep_scale: tl.float64,
     # meta
     HAS_DROPOUT: tl.constexpr, IS_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64 if IS_FP64 else tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=acc_dtype)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
+    for k0 in range(split * k_per_split, min(K, (split + 1) * k_per_split), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, M, K)
         if HAS_DROPOUT:
@@ -98,19 +132,22 @@ def _shrink_fwd_kernel(
         q = _load_tile(q_ptr, cols, rr, stride_qk, stride_qr, K, R)
         acc += tl.dot(x, q, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        acc = acc * keep_scale
-    _store_tile(t_ptr, rows, rr, stride_tm, stride_tr, M, R, acc.to(t_ptr.dtype.element_ty))
+        acc = _scaled(acc, keep_scale, IS_FP64)
+    out = out_ptr + split.to(tl.int64) * stride_os
+    _store_tile(out, rows, rr, stride_om, stride_or, M, R, acc.to(out_ptr.dtype.element_ty))
 
 
 @triton.autotune(
-    configs=get_autotune_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_ADAPTER"], prune_configs_by=_PRUNE
+    configs=get_autotune_configs(),
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_ADAPTER", "DOT_PRECISION"],
+    prune_configs_by=_PRUNE,
 )
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _fused_fwd_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr, t_ptr, p_ptr, lam_ptr, y_ptr,
     # sizes: x (M, K), W (N, K), t (M, R), P (N, R), y (M, N)
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_pn, stride_pr,
     stride_ym, stride_yn,
@@ -142,61 +179,54 @@ def _fused_fwd_kernel(
 
 
 @triton.autotune(
-    configs=get_rowblock_configs(),
-    key=["M", "N", "BLOCK_R"],
-    reset_to_zero=["dp_ptr", "dlam_ptr"],
+    configs=get_rowblock_configs(), key=["M_BUCKET", "N", "BLOCK_R", "NEED_ADAPTER", "DOT_PRECISION"],
     prune_configs_by=_PRUNE,
-)
-@triton.jit
-def _dt_dp_bwd_kernel(
-    # pointers: g (M, N), P (N, R), t (M, R), λeff (R); outputs u (M, R), dP (N, R), dλeff (R), accumulated
-    g_ptr, p_ptr, t_ptr, lam_ptr, u_ptr, dp_ptr, dlam_ptr,
+)  # fmt: skip
+@triton.jit(do_not_specialize=_UNSPECIALISED)
+def _dt_bwd_kernel(
+    # pointers: g (M, N), P (N, R), t (M, R), λeff (R); outputs u (M, R) and dλ partials (one row per row block)
+    g_ptr, p_ptr, t_ptr, lam_ptr, u_ptr, dlam_ptr,
     # sizes
-    M, N, R,
-    # strides (u, dP contiguous)
+    M, N, R, M_BUCKET,
+    # strides (u, dλ partials contiguous)
     stride_gm, stride_gn, stride_pn, stride_pr, stride_tm, stride_tr,
     # meta
     NEED_ADAPTER: tl.constexpr, IS_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    # BLOCK_K tiles the out dimension N here: one pass over g's row block for dt, dP and dλ
+    # BLOCK_K tiles the out dimension N here: one pass over g's row block for dt and dλ
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    t = _load_tile(t_ptr, rows, rr, stride_tm, stride_tr, M, R).to(acc_dtype)
-    lam = tl.load(lam_ptr + rr, mask=rr < R, other=0.0).to(acc_dtype)
-    t_lam = (t * lam[None, :]).to(g_ptr.dtype.element_ty)
     dt = tl.zeros([BLOCK_M, BLOCK_R], dtype=acc_dtype)
     for n0 in range(0, N, BLOCK_K):
         rn = n0 + tl.arange(0, BLOCK_K)
         g = _load_tile(g_ptr, rows, rn, stride_gm, stride_gn, M, N)
         p = _load_tile(p_ptr, rn, rr, stride_pn, stride_pr, N, R)
         dt += tl.dot(g, p, input_precision=DOT_PRECISION)
-        if NEED_ADAPTER:
-            dp = tl.dot(tl.trans(g), t_lam, input_precision=DOT_PRECISION)
-            tl.atomic_add(
-                dp_ptr + rn[:, None] * R + rr[None, :],
-                dp,
-                mask=(rn[:, None] < N) & (rr[None, :] < R),
-                sem="relaxed",
-            )
+    lam = tl.load(lam_ptr + rr, mask=rr < R, other=0.0).to(acc_dtype)
     if NEED_ADAPTER:
-        tl.atomic_add(dlam_ptr + rr, tl.sum(dt * t, axis=0), mask=rr < R, sem="relaxed")
+        t = _load_tile(t_ptr, rows, rr, stride_tm, stride_tr, M, R).to(acc_dtype)
+        tl.store(dlam_ptr + pid * R + rr, tl.sum(dt * t, axis=0), mask=rr < R)
     _store_tile(u_ptr, rows, rr, R, 1, M, R, dt * lam[None, :])
 
 
-@triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_DROPOUT"], prune_configs_by=_PRUNE)
-@triton.jit
+@triton.autotune(
+    configs=get_autotune_configs(),
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_DROPOUT", "HAS_ADAPTER", "DOT_PRECISION"],
+    prune_configs_by=_PRUNE,
+)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _fused_dx_bwd_kernel(
     # pointers: g (M, N), W (N, K), u (M, R), Q (R, K), dx (M, K)
     g_ptr, w_ptr, u_ptr, q_ptr, dx_ptr,
     # sizes
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     # strides (u contiguous)
     stride_gm, stride_gn, stride_wn, stride_wk, stride_qr, stride_qk, stride_dxm, stride_dxk,
     # dropout
-    seed, p, keep_scale,
+    seed: tl.int64, p, keep_scale: tl.float64,
     # meta
     HAS_DROPOUT: tl.constexpr, HAS_ADAPTER: tl.constexpr, IS_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -220,44 +250,57 @@ def _fused_dx_bwd_kernel(
         adapter = tl.dot(u.to(q.dtype), q, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _keep_mask(seed, rows, pid_k * BLOCK_N, p, BLOCK_M, BLOCK_N)
-            adapter = tl.where(keep, adapter * keep_scale, 0.0)
+            adapter = tl.where(keep, _scaled(adapter, keep_scale, IS_FP64), 0.0)
         acc += adapter
     _store_tile(dx_ptr, rows, cols, stride_dxm, stride_dxk, M, K, acc.to(dx_ptr.dtype.element_ty))
 
 
-@triton.autotune(configs=get_rowblock_configs(), key=["M", "K", "BLOCK_R", "HAS_DROPOUT"], prune_configs_by=_PRUNE)
-@triton.jit
-def _dq_bwd_kernel(
-    # pointers: x (M, K), u (M, R), dQ (R, K)
-    x_ptr, u_ptr, dq_ptr,
+@triton.autotune(
+    configs=get_rowblock_configs(),
+    key=[*_ROW_KEY, "SPLITS", "HAS_DROPOUT", "HAS_LAM", "DOT_PRECISION"],
+    prune_configs_by=_PRUNE,
+)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
+def _rank_reduce_bwd_kernel(
+    # pointers: a (M, R), λeff (R, used where HAS_LAM), b (M, K), out (SPLITS, R, K): the result where
+    # SPLITS = 1, else partials over row ranges. dQ = uᵀ drop(b = x); dPᵀ = (t · λeff)ᵀ (b = g)
+    a_ptr, lam_ptr, b_ptr, out_ptr,
     # sizes
-    M, K, R,
-    # strides (u contiguous)
-    stride_xm, stride_xk, stride_dqr, stride_dqk,
-    # dropout
-    seed, p, keep_scale,
+    M, K, R, M_BUCKET, SPLITS,
+    # strides
+    stride_am, stride_ar, stride_bm, stride_bk, stride_os, stride_or, stride_ok,
+    # dropout (of b)
+    seed: tl.int64, p, keep_scale: tl.float64,
     # meta
-    HAS_DROPOUT: tl.constexpr, IS_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_LAM: tl.constexpr, IS_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float64 if IS_FP64 else tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        x = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, M, K)
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=acc_dtype)
+    if HAS_LAM:
+        lam = tl.load(lam_ptr + rr, mask=rr < R, other=0.0).to(acc_dtype)
+    m_per_split = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK_M) * BLOCK_M
+    for m0 in range(split * m_per_split, min(M, (split + 1) * m_per_split), BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        b = _load_tile(b_ptr, rows, cols, stride_bm, stride_bk, M, K)
         if HAS_DROPOUT:
-            x = tl.where(_keep_mask(seed, rows, pid * BLOCK_K, p, BLOCK_M, BLOCK_K), x, 0.0)
-        u = _load_tile(u_ptr, rows, rr, R, 1, M, R)
-        acc += tl.dot(tl.trans(u.to(x.dtype)), x, input_precision=DOT_PRECISION)
+            b = tl.where(_keep_mask(seed, rows, pid * BLOCK_K, p, BLOCK_M, BLOCK_K), b, 0.0)
+        a = _load_tile(a_ptr, rows, rr, stride_am, stride_ar, M, R)
+        if HAS_LAM:
+            a = a.to(acc_dtype) * lam[None, :]
+        acc += tl.dot(tl.trans(a.to(b.dtype)), b, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        acc = acc * keep_scale
-    _store_tile(dq_ptr, rr, cols, stride_dqr, stride_dqk, R, K, acc.to(dq_ptr.dtype.element_ty))
+        acc = _scaled(acc, keep_scale, IS_FP64)
+    out = out_ptr + split.to(tl.int64) * stride_os
+    _store_tile(out, rr, cols, stride_or, stride_ok, R, K, acc.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
-def _keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit(do_not_specialize=["seed"])
+def _keep_mask_kernel(out_ptr, M, K, seed: tl.int64, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1).to(tl.int64) * BLOCK_K
     cols = col0 + tl.arange(0, BLOCK_K)
@@ -267,17 +310,57 @@ def _keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl
 
 # ----------------------------------------------------------------------------------------------- launchers
 
+_ROW_TILE = 64  # the row tile the split counts assume; the kernels take any BLOCK_M
+
+
+def m_bucket(M: int) -> int:
+    """The autotuning bucket of a token count: the next power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(M))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tf32`` for float32 where torch allows TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32`` or
+    ``torch.set_float32_matmul_precision("high")``), else ``ieee``; 16-bit dots ignore it."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
 
 def _meta(dtype: torch.dtype, R: int) -> dict:
     return {
         "IS_FP64": dtype == torch.float64,
-        "DOT_PRECISION": "ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        "DOT_PRECISION": dot_precision(dtype),
         "BLOCK_R": max(16, triton.next_power_of_2(R)),
     }
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so the split paths run in the CPU tests
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def splits_for(programs: int, length: int, device: torch.device, min_chunk: int = 256) -> int:
+    """How many ways to split a reduction of ``length`` so that ``programs`` become about 2 per SM, each
+    split keeping at least ``min_chunk`` of the reduction."""
+    want = triton.cdiv(2 * _sm_count(device), max(programs, 1))
+    return max(1, min(want, length // min_chunk))
+
+
 def _dropout_args(dropout_p: float, seed: int) -> tuple:
     return (seed, dropout_p, 1.0 / (1.0 - dropout_p))
+
+
+def _split_buffer(out: torch.Tensor, splits: int, acc_dtype: torch.dtype) -> torch.Tensor:
+    """``out`` viewed as one split, or a buffer of float partials for ``splits`` of them."""
+    if splits == 1:
+        return out.unsqueeze(0)
+    return torch.empty(splits, *out.shape, dtype=acc_dtype, device=out.device)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
@@ -289,6 +372,21 @@ def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, devic
     return out.bool()
 
 
+def _rank_reduce(a, lam, b, out, dropout_p, seed, meta):
+    """``out (R, K) = (a · λ)ᵀ drop(b)`` over all rows, split over row ranges where columns are few."""
+    M, K = b.shape
+    R = a.shape[1]
+    splits = splits_for(triton.cdiv(K, _ROW_TILE), M, b.device)
+    part = _split_buffer(out, splits, _acc_dtype(b.dtype))
+    _rank_reduce_bwd_kernel[lambda c: (triton.cdiv(K, c["BLOCK_K"]), splits)](
+        a, lam if lam is not None else a, b, part, M, K, R, m_bucket(M), splits,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), part.stride(0), part.stride(1), part.stride(2),
+        *_dropout_args(dropout_p, seed), HAS_DROPOUT=dropout_p > 0.0, HAS_LAM=lam is not None, **meta,
+    )  # fmt: skip
+    if splits > 1:
+        out.copy_(part.sum(0))
+
+
 def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
     M, K = x2.shape
     N, R = P.shape
@@ -296,14 +394,18 @@ def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     t = torch.empty(M, R, dtype=x2.dtype, device=x2.device)
     if R > 0 and M > 0:
-        _shrink_fwd_kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](
-            x2, Q, t, M, K, R,
-            x2.stride(0), x2.stride(1), Q.stride(0), Q.stride(1), t.stride(0), t.stride(1),
+        splits = splits_for(triton.cdiv(M, _ROW_TILE), K, x2.device)
+        part = _split_buffer(t, splits, _acc_dtype(x2.dtype))
+        _shrink_fwd_kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]), splits)](
+            x2, Q, part, M, K, R, m_bucket(M), splits,
+            x2.stride(0), x2.stride(1), Q.stride(0), Q.stride(1), part.stride(0), part.stride(1), part.stride(2),
             *_dropout_args(dropout_p, seed), HAS_DROPOUT=dropout_p > 0.0, **meta,
         )  # fmt: skip
+        if splits > 1:
+            t.copy_(part.sum(0))
     if M > 0:
         _fused_fwd_kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](
-            x2, weight, bias if bias is not None else y, t, P, lam_eff, y, M, N, K, R,
+            x2, weight, bias if bias is not None else y, t, P, lam_eff, y, M, N, K, R, m_bucket(M),
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
             P.stride(0), P.stride(1), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, HAS_ADAPTER=R > 0, **meta,
@@ -315,33 +417,32 @@ def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, 
     M, K = x2.shape
     N, R = P.shape
     meta = _meta(x2.dtype, R)
-    acc_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    acc_dtype = _acc_dtype(x2.dtype)
     u = torch.empty(M, R, dtype=acc_dtype, device=x2.device)
-    dP = torch.zeros(N, R, dtype=acc_dtype, device=x2.device)
-    dlam = torch.zeros(R, dtype=acc_dtype, device=x2.device)
+    # one row of dλ partials per row block of the smallest tile any config uses
+    dlam_part = torch.zeros(triton.cdiv(M, 16), R, dtype=acc_dtype, device=x2.device)
     has_adapter = R > 0 and M > 0
     if has_adapter:
-        _dt_dp_bwd_kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](
-            g2, P, t, lam_eff, u, dP, dlam, M, N, R,
+        _dt_bwd_kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](
+            g2, P, t, lam_eff, u, dlam_part, M, N, R, m_bucket(M),
             g2.stride(0), g2.stride(1), P.stride(0), P.stride(1), t.stride(0), t.stride(1),
             NEED_ADAPTER=need_adapter, **meta,
         )  # fmt: skip
-    dx = dQ = None
+    dx = None
     if need_dx:
         dx = torch.empty(M, K, dtype=x2.dtype, device=x2.device)
         if M > 0:
             _fused_dx_bwd_kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]),)](
-                g2, weight, u, Q, dx, M, N, K, R,
+                g2, weight, u, Q, dx, M, N, K, R, m_bucket(M),
                 g2.stride(0), g2.stride(1), weight.stride(0), weight.stride(1), Q.stride(0), Q.stride(1),
                 dx.stride(0), dx.stride(1), *_dropout_args(dropout_p, seed),
                 HAS_DROPOUT=dropout_p > 0.0, HAS_ADAPTER=has_adapter, **meta,
             )  # fmt: skip
-    if need_adapter:
-        dQ = torch.zeros(R, K, dtype=x2.dtype, device=x2.device)
-        if has_adapter:
-            _dq_bwd_kernel[lambda c: (triton.cdiv(K, c["BLOCK_K"]),)](
-                x2, u, dQ, M, K, R, x2.stride(0), x2.stride(1), dQ.stride(0), dQ.stride(1),
-                *_dropout_args(dropout_p, seed), HAS_DROPOUT=dropout_p > 0.0, **meta,
-            )  # fmt: skip
-        return dx, dP.to(P.dtype), dlam.to(lam_eff.dtype), dQ
-    return dx, None, None, None
+    if not need_adapter:
+        return dx, None, None, None
+    dQ = torch.zeros(R, K, dtype=x2.dtype, device=x2.device)
+    dP = torch.zeros(N, R, dtype=P.dtype, device=x2.device)
+    if has_adapter:
+        _rank_reduce(u, None, x2, dQ, dropout_p, seed, meta)
+        _rank_reduce(t, lam_eff, g2, dP.t(), 0.0, 0, meta)  # dPᵀ (R, N), written through dP's strides
+    return dx, dP, dlam_part.sum(0).to(lam_eff.dtype), dQ

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
@@ -37,7 +38,7 @@ class CompiledVariant:
     num_stages: int
     shared: int  # bytes of shared memory per block, from the compiled metadata
     registers: int  # per thread, from the cubin
-    local: int  # bytes of local memory per thread (register spills), from the cubin
+    local: int  # bytes of register spill stores per thread (ptxas)
     seconds: float  # compile time (0 for a kernel already in Triton's cache)
     fits: bool  # shared <= the architecture's per-block limit
 
@@ -69,20 +70,35 @@ class _CompileOnlyDriver:
         raise RuntimeError("compile_only: nothing is timed without a GPU")
 
 
-def _cuobjdump() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, local-memory bytes per thread) of the one function in ``cubin``."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
-    if match is None:
-        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
-    return int(match.group(1)), max(int(match.group(2)), int(match.group(3)))
+def resource_usage(kernel, arch: int) -> tuple[int, int]:
+    """(registers per thread, bytes of register spill stores per thread) of a compiled kernel: registers
+    from its cubin (cuobjdump); where the cubin has local memory or a stack frame, whether that is spilling
+    from ptxas -v on its PTX (a stack frame alone is no spill)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True)
+        match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out.stdout)
+        if match is None:
+            raise RuntimeError(f"cuobjdump printed no resource usage:\n{out.stdout}{out.stderr}")
+        registers, stack, local = (int(v) for v in match.groups())
+        if stack == 0 and local == 0:
+            return registers, 0
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        gpu = sm_arch_from_capability(arch)
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "o.cubin")],
+                             capture_output=True, text=True)  # fmt: skip
+        spill = re.search(r"(\d+) bytes spill stores", log.stdout + log.stderr)
+        if spill is None:
+            raise RuntimeError(f"ptxas -v printed no spill count:\n{log.stdout}{log.stderr}")
+        return registers, int(spill.group(1))
 
 
 @contextlib.contextmanager
@@ -98,7 +114,7 @@ def compile_only(arch: int) -> Iterator[list[CompiledVariant]]:
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         seconds = time.perf_counter() - start
         kernel._init_handles = lambda: None  # never loaded: there is no driver
-        registers, local = resource_usage(kernel.asm["cubin"])
+        registers, local = resource_usage(kernel, arch)
         constants = {name: value for name, value in kwargs.items() if name.isupper()}
         meta = kernel.metadata
         records.append(

@@ -32,20 +32,56 @@ def shared_memory_bytes() -> int:
         return 160 * 1024
 
 
+_STREAMED = ("x_ptr", "g_ptr", "b_ptr")  # the operand each kernel streams through its main loop
+
+
+def shared_memory_need(config, element_size: int, r_block: int) -> int:
+    """Bytes of shared memory a config stages: the pipelined dot operands of the main loop, and for the GEMM
+    kernels the r-wide adapter operands of the epilogue (one buffer each)."""
+    m, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    if "BLOCK_N" in config.kwargs:  # GEMMs: m×k and k×n per stage, the epilogue's m×r and r×n once
+        n = config.kwargs["BLOCK_N"]
+        return ((m * k + k * n) * max(config.num_stages, 1) + (m + n) * r_block) * element_size
+    return (m * k + (m + k) * r_block) * element_size * max(config.num_stages, 1)  # row kernels: m×k, m×r | k×r
+
+
 def prune_by_shared_memory(configs, named_args, **kwargs):
-    """Drop the tiles whose pipelined operands overflow shared memory for these dtypes and this rank (fp64 and
-    r = 128 need smaller ones); with autotuning off, keep only the first that fits."""
-    size = max((a.element_size() for a in named_args.values() if hasattr(a, "element_size")), default=4)
+    """Drop the tiles whose staged operands overflow shared memory for the streamed operand's dtype and this
+    rank (fp64 and r = 128 need smaller ones), and those that spill registers (``spills``); with autotuning
+    off, keep only the first that fits."""
+    streamed = next((named_args[n] for n in _STREAMED if n in named_args), None)
+    size = streamed.element_size() if streamed is not None else 4
     r_block = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
     limit = shared_memory_bytes()
-
-    def need(c):
-        m, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
-        n = max(c.kwargs.get("BLOCK_N", k), r_block)
-        return (m * k + k * n) * size * max(c.num_stages, 1)
-
-    fitting = [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
+    fitting = [
+        c for c in configs if shared_memory_need(c, size, r_block) <= limit and not spills(c, size, r_block, kwargs)
+    ] or [min(configs, key=lambda c: shared_memory_need(c, size, r_block))]
     return fitting if autotune_enabled() else fitting[:1]
+
+
+def register_pressure(config, element_size: int, r_block: int, flags: dict) -> float:
+    """Registers per thread the live tiles take: the accumulator (one per element, two in float64), the
+    streamed tile (thrice where the dropout mask is drawn beside it) and the r-wide operands (the epilogue's
+    for the GEMMs, a rank tile for the rows); operand elements take ``element_size / 2`` registers each
+    (16-bit values pack two to a register)."""
+    threads = 32 * config.num_warps
+    acc, op = (2 if element_size == 8 else 1), element_size / 2
+    m, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    dropout = 2 if flags.get("HAS_DROPOUT") else 0
+    if "BLOCK_N" in config.kwargs:  # GEMM: acc m×n (and the dropout mask of dx); t/u (m×r) and P/Q (r×n)
+        n = config.kwargs["BLOCK_N"]
+        return (m * n * (acc + dropout) + r_block * (m + n) * op) / threads
+    # row kernels: acc m×r (shrink, dt) or r×k (reductions), streamed tile m×k, a rank tile m×r
+    extra = m * r_block * op if flags.get("NEED_ADAPTER") or "HAS_LAM" in flags else 0
+    return (max(m, k) * r_block * acc + m * k * (op + dropout) + extra) / threads
+
+
+_MAX_PRESSURE = 208  # above it, kept 16-bit configs spilled in the compile sweep on sm_80 or sm_90
+
+
+def spills(config, element_size: int, r_block: int, flags: dict) -> bool:
+    """Whether a config is expected to spill registers, from the compile sweep (the sweep checks it)."""
+    return register_pressure(config, element_size, r_block, flags) > _MAX_PRESSURE
 
 
 def get_autotune_configs() -> list[triton.Config]:

@@ -325,6 +325,22 @@ def timing_rows(case: Case, mode: str, rounds: int) -> list[dict]:
     return rows
 
 
+def auto_choice_row(case: Case) -> dict | None:
+    """On CUDA, which backend ``auto`` picks for this case (timed once, cached as in training) and what each
+    candidate measured; ``None`` where auto has nothing to choose (one runnable backend, or the CPU)."""
+    from .ops.adalora_linear import auto_key, time_backend_ms
+    from .ops.backend import auto_choices, measured_choice, runnable
+
+    candidates = runnable(case.device)
+    if case.device.type != "cuda" or len(candidates) < 2:
+        return None
+    weight = torch.empty(case.out_f, case.in_f, dtype=case.dtype, device="meta")
+    key = auto_key(case.x, weight, weight[:, 0], torch.empty(case.r, device="meta"), case.dropout)
+    chosen = measured_choice(key, candidates, lambda b: time_backend_ms(b, key, case.device))
+    timings = auto_choices()[key][1]
+    return case.row("auto_choice", chosen, ms=timings.get(chosen), candidates_ms=timings)
+
+
 # --------------------------------------------------------------------------------------------- memory
 
 

@@ -151,6 +151,8 @@ def run_bench(args) -> dict:
         task = progress.add_task("bench", total=len(cases) * len(args.modes) + (0 if args.no_allocator else 1))
         for (tokens, in_f, out_f), r, p in cases:
             case = bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, args.variants)
+            auto = bm.auto_choice_row(case)  # CUDA: the backend auto picks here, and what each candidate took
+            rows += [auto] if auto else []
             for mode in args.modes:
                 progress.update(task, description=f"{mode} {tokens}×{in_f}×{out_f} r={r} p={p}")
                 rows += bm.timing_rows(case, mode, args.rounds)

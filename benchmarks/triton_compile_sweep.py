@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{t['kernel']:24s} sm_{t['arch']:<2d} {t['dtype']:>9s} {t['variants']:4d} {t['max_shared'] / 1024:8.1f} "
               f"{t['max_registers']:4d} {t['max_spill']:7d} {t['spilling']:6d} {t['max_seconds']:6.1f}")  # fmt: skip
     if args.json is not None:
-        meta = {"triton": triton.__version__, "archs": args.arch, "quick": args.quick}
+        from adalora_kernels.benchmarking import git_commit
+
+        meta = {"triton": triton.__version__, "commit": git_commit(), "archs": args.arch, "quick": args.quick}
         args.json.write_text(json.dumps({**meta, "summary": table, "rows": rows}, indent=1) + "\n")
         print(f"wrote {args.json}")
     bad = failures(rows)

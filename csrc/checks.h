@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <unordered_map>
+
 namespace adalora_kernels {
 
 inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& P,
@@ -25,6 +27,20 @@ inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
 }
 
+// grad (M x out) and the saved t (M x r) of the backward ops: shape, dtype and device, before any kernel reads them
+inline void check_backward_inputs(const char* op, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                  const at::Tensor& lam, const at::Tensor& t) {
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0), op, ": grad must be (",
+              x.size(0), ", ", weight.size(0), "), got shape ", grad.sizes());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == lam.size(0), op, ": t must be (", x.size(0), ", ",
+              lam.size(0), ") as the forward saved it, got shape ", t.sizes());
+  for (const at::Tensor* v : {&grad, &t}) {
+    TORCH_CHECK(v->scalar_type() == x.scalar_type() && v->device() == x.device(), op,
+                ": grad and t must have x's dtype ", x.scalar_type(), " and device ", x.device(), ", got ",
+                v->scalar_type(), " on ", v->device());
+  }
+}
+
 // The (P, lam, Q) triples of params, grads and both EMAs of csrc_sensitivity_update: one dtype (float32 or
 // float64), one device, contiguous, each shaped like its parameter. Returns the dtype.
 inline at::ScalarType check_sensitivity_inputs(at::TensorList params, at::TensorList grads, at::TensorList ema_ipt,
@@ -39,6 +55,13 @@ inline at::ScalarType check_sensitivity_inputs(at::TensorList params, at::Tensor
   const at::Device device = params[0].device();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "csrc_sensitivity_update: adapter parameters must be float32 or float64, got ", dtype);
+  std::unordered_map<const void*, size_t> owner;  // EMAs are updated in place, layers concurrently on CUDA
+  for (size_t i = 0; i < n; ++i) {
+    if (params[i].numel() == 0) continue;
+    const auto [it, fresh] = owner.emplace(params[i].data_ptr(), i / 3);
+    TORCH_CHECK(fresh, "csrc_sensitivity_update: layers ", it->second, " and ", i / 3,
+                " share an adapter tensor; each layer needs its own P, lam and Q");
+  }
   for (size_t l = 0; l < n / 3; ++l) {
     const at::Tensor &P = params[3 * l], &lam = params[3 * l + 1], &Q = params[3 * l + 2];
     TORCH_CHECK(P.dim() == 2 && lam.dim() == 1 && Q.dim() == 2 && P.size(1) == lam.size(0) &&

@@ -120,6 +120,16 @@ class RankAllocator:
                         f"{t.name}.{label}: expected every adapter parameter on {first.device} in {first.dtype}, "
                         f"got {p.device} {p.dtype}"
                     )
+        owner: dict[int, str] = {}  # each adapter tensor once: the kernels update EMAs of layers concurrently
+        for t in self.triplets:
+            for label, p in (("P", t.P), ("lam", t.lam), ("Q", t.Q)):
+                local = getattr(p, "_local_tensor", p)  # an FSDP2 shard: its local storage
+                other = owner.setdefault(local.data_ptr(), f"{t.name}.{label}") if local.numel() else None
+                if other is not None and other != f"{t.name}.{label}":
+                    raise ValueError(
+                        f"{t.name}.{label}: shares its storage with {other}; the allocator scores each layer's "
+                        "P, λ and Q on their own, so every layer needs adapter tensors of its own"
+                    )
         shapes = [(t.P.shape[0], t.lam.numel(), t.Q.shape[1]) for t in self.triplets]
         # FSDP2 (DTensor shards): per-shard EMAs, one all-reduce of the partial triplet terms per step
         self._sharded = sharded.is_sharded(first)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..kernels import get_backend
 from ..reference import effective_lam
-from .backend import resolve_backend
+from .backend import measured_choice, requested, resolve_backend, runnable
 
 _SEED_BOUND = 2**63
 
@@ -151,6 +151,47 @@ def _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling) -> 
         raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
 
 
+def auto_key(x: Tensor, weight: Tensor, bias: Tensor | None, lam: Tensor, dropout_p: float) -> tuple:
+    """What auto's measured choice depends on: the device, the token count's power-of-two bucket, the
+    layer's shape, rank, dtype, and whether dropout and a bias are on."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    bucket = 1 << max(rows - 1, 0).bit_length()
+    out_f, in_f = weight.shape
+    return (str(x.device), bucket, in_f, out_f, lam.shape[0], str(x.dtype).removeprefix("torch."), dropout_p > 0.0,
+            bias is not None)  # fmt: skip
+
+
+def time_backend_ms(name: str, key: tuple, device: torch.device, reps: int = 5) -> float:
+    """Median CUDA-event milliseconds of one forward + backward of backend ``name`` on fresh inputs shaped as
+    ``key`` says (after two warm-up calls, which also autotune the Triton kernels)."""
+    _, rows, in_f, out_f, r, dtype_name, dropout, has_bias = key
+    dtype = getattr(torch, dtype_name)
+    kernels = get_backend(name, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, g = (torch.randn(rows, n, device=device, dtype=dtype, generator=gen) for n in (in_f, out_f))
+    weight = torch.randn(out_f, in_f, device=device, dtype=dtype, generator=gen) / in_f**0.5
+    bias = torch.zeros(out_f, device=device, dtype=dtype) if has_bias else None
+    P, Q = (torch.randn(*shape, device=device, dtype=dtype, generator=gen) for shape in ((out_f, r), (r, in_f)))
+    lam = torch.randn(r, device=device, dtype=dtype, generator=gen)
+    p = 0.1 if dropout else 0.0
+
+    def step():
+        _, t = kernels.linear_forward(x, weight, bias, P, lam, Q, p, 1234)
+        kernels.linear_backward(g, x, weight, P, lam, Q, t, p, 1234, True, True)
+
+    with torch.no_grad():
+        step(), step()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 def _seed_tensor(seed: int | Tensor | None) -> Tensor:
     if seed is None:
         return torch.randint(0, 2**62, (), dtype=torch.int64)
@@ -197,5 +238,10 @@ def adalora_linear(
     p = float(dropout_p) if training else 0.0
     seed_t = _seed_tensor(seed) if (p > 0.0 or seed is not None) else torch.zeros((), dtype=torch.int64)
     name = resolve_backend(backend, x.device)
+    if x.device.type == "cuda" and requested(backend) == "auto" and not torch.compiler.is_compiling():
+        candidates = runnable(x.device)
+        if len(candidates) > 1:
+            key = auto_key(x, weight, bias, lam, p)
+            name = measured_choice(key, candidates, lambda b: time_backend_ms(b, key, x.device))
     lam_eff = effective_lam(lam, rank_mask, float(scaling))
     return linear_fwd(x, weight, bias, P, lam_eff, Q, p, seed_t, name)[0]

@@ -300,10 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
     const at::Tensor& lam_eff, const at::Tensor& Q, const at::Tensor& t, double dropout_p, int64_t seed,
     bool need_dx, bool need_adapter) {
   check_inputs("csrc_linear_bwd", x_in, weight, P, lam_eff, Q, dropout_p);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x_in.size(0) && grad.size(1) == weight.size(0),
-              "csrc_linear_bwd: grad must be (", x_in.size(0), ", ", weight.size(0), "), got shape ", grad.sizes());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == x_in.size(0) && t.size(1) == lam_eff.size(0),
-              "csrc_linear_bwd: t must be (", x_in.size(0), ", ", lam_eff.size(0), "), got shape ", t.sizes());
+  check_backward_inputs("csrc_linear_bwd", grad, x_in, weight, lam_eff, t);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor x = unit_column_stride(x_in);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lam_eff.size(0);

@@ -78,9 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
     const at::Tensor& lam_eff, const at::Tensor& Q, const at::Tensor& t, double dropout_p, int64_t seed,
     bool need_dx, bool need_adapter) {
   check_inputs("csrc_linear_bwd", x, weight, P, lam_eff, Q, dropout_p);
+  check_backward_inputs("csrc_linear_bwd", grad, x, weight, lam_eff, t);
   check_cuda("csrc_linear_bwd", x, lam_eff.size(0));
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0),
-              "csrc_linear_bwd: grad must be (", x.size(0), ", ", weight.size(0), "), got shape ", grad.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t M = x.size(0), K = x.size(1), R = lam_eff.size(0);
@@ -88,31 +87,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
   const double scale = 1.0 / (1.0 - dropout_p);
   const auto acc = x.options().dtype(acc_type(x.scalar_type()));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor dt = at::mm(grad, P).contiguous(), tc = t.contiguous(), lamc = lam_eff.contiguous();
+  const at::Tensor dt = at::mm(grad, P).contiguous(), lamc = lam_eff.contiguous();
   const at::Tensor Qc = Q.contiguous();
-  at::Tensor u = at::empty({M, R}, acc), dlam_acc = at::zeros({R}, acc);
+  at::Tensor u = at::empty({M, R}, acc);
   at::Tensor dx = need_dx ? at::mm(grad, weight) : at::empty({0}, x.options());
-  at::Tensor dQ_acc = need_adapter ? at::zeros({R, K}, acc) : at::empty({0}, acc);
+  at::Tensor dq_part = need_adapter ? at::empty({cuda::dq_splits(M), R, K}, acc) : at::empty({0}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    check_launch(cuda::u_and_dlam(cptr<scalar_t>(dt), cptr<scalar_t>(tc), cptr<scalar_t>(lamc), u.data_ptr<A>(),
-                                  dlam_acc.data_ptr<A>(), M, static_cast<int>(R), stream),
-                 "u_and_dlam");
+    check_launch(cuda::scale_by_lam(cptr<scalar_t>(dt), cptr<scalar_t>(lamc), u.data_ptr<A>(), M, static_cast<int>(R),
+                                    stream),
+                 "scale_by_lam");
     if (need_dx)
       check_launch(cuda::masked_adapter_dx(mptr<scalar_t>(dx), static_cast<const A*>(u.data_ptr<A>()),
                                            cptr<scalar_t>(Qc), M, K, static_cast<int>(R),
                                            static_cast<uint64_t>(seed), threshold, scale, stream),
                    "masked_adapter_dx");
     if (need_adapter)
-      check_launch(cuda::dq_accumulate(cptr<scalar_t>(x), x.stride(0), x.stride(1),
-                                       static_cast<const A*>(u.data_ptr<A>()), dQ_acc.data_ptr<A>(), M, K,
-                                       static_cast<int>(R), static_cast<uint64_t>(seed), threshold, stream),
-                   "dq_accumulate");
+      check_launch(cuda::dq_partials(cptr<scalar_t>(x), x.stride(0), x.stride(1),
+                                     static_cast<const A*>(u.data_ptr<A>()), dq_part.data_ptr<A>(), M, K,
+                                     static_cast<int>(R), static_cast<uint64_t>(seed), threshold, stream),
+                   "dq_partials");
   });
   if (!need_adapter) return {dx, at::empty({0}, x.options()), at::empty({0}, x.options()), at::empty({0}, x.options())};
+  // every reduction over rows in a fixed order (ATen sums, cuBLAS GEMMs): no atomics, reproducible bit for bit
   const at::Tensor dP = at::mm(grad.t(), t * lam_eff);
+  const at::Tensor dlam = (dt.to(acc.dtype()) * t.to(acc.dtype())).sum(0);
+  const at::Tensor dQ_acc = dq_part.sum(0);
   const at::Tensor dQ = (dropout_p > 0.0 ? dQ_acc * scale : dQ_acc).to(x.scalar_type());
-  return {dx, dP, dlam_acc.to(x.scalar_type()), dQ};
+  return {dx, dP, dlam.to(x.scalar_type()), dQ};
 }
 
 at::Tensor dropout_keep_mask_cuda(const at::Tensor& like, int64_t rows, int64_t cols, double dropout_p,

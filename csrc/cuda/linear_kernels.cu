@@ -1,6 +1,6 @@
 // CUDA kernels of the csrc backend's fused AdaLoRA linear layer: the parts cuBLAS cannot do for us. Those
-// are the shrink with the dropout mask generated in registers, the one-pass u / dlam, the dropout-masked
-// adapter term of dx, and dQ. The mask is the counter-based hash of dropout_hash.h, the same on the CPU.
+// are the shrink with the dropout mask generated in registers, u = dt * lam, the dropout-masked adapter term of
+// dx, and dQ (partials per block of rows, no atomics: results are bitwise reproducible). The mask is the counter-based hash of dropout_hash.h, the same on the CPU.
 #include "../dropout_hash.h"
 #include "common.cuh"
 #include "kernels.cuh"
@@ -63,14 +63,11 @@ __global__ void shrink_dropout_kernel(const T* __restrict__ x, int64_t sxm, int6
 }
 
 template <typename T, typename A>
-__global__ void u_and_dlam_kernel(const T* __restrict__ dt, const T* __restrict__ t, const T* __restrict__ lam,
-                                  A* __restrict__ u, A* __restrict__ dlam_acc, int64_t M, int R) {
+__global__ void scale_by_lam_kernel(const T* __restrict__ dt, const T* __restrict__ lam, A* __restrict__ u, int64_t M,
+                                    int R) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= M * R) return;
-  const int r = static_cast<int>(idx % R);
-  const A d = to_acc(dt[idx]);
-  u[idx] = d * to_acc(lam[r]);
-  atomicAdd(&dlam_acc[r], d * to_acc(t[idx]));
+  u[idx] = to_acc(dt[idx]) * to_acc(lam[idx % R]);
 }
 
 template <typename T, typename A>
@@ -87,9 +84,10 @@ __global__ void masked_adapter_dx_kernel(T* __restrict__ dx, const A* __restrict
   dx[idx] = from_acc<T>(to_acc(dx[idx]) + s * scale);
 }
 
+// one partial of dQ per block of rows (blockIdx.z), each element written by one thread: no atomics
 template <typename T, typename A>
 __global__ void dq_kernel(const T* __restrict__ x, int64_t sxm, int64_t sxk, const A* __restrict__ u,
-                          A* __restrict__ dq_acc, int64_t M, int64_t K, int R, uint64_t seed, uint32_t threshold,
+                          A* __restrict__ dq_part, int64_t M, int64_t K, int R, uint64_t seed, uint32_t threshold,
                           int64_t rows_per_block) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int r0 = blockIdx.y * kRanksPerThread;
@@ -105,7 +103,8 @@ __global__ void dq_kernel(const T* __restrict__ x, int64_t sxm, int64_t sxk, con
     const A xv = to_acc(x[m * sxm + k * sxk]);
     for (int j = 0; j < kRanksPerThread && r0 + j < R; ++j) acc[j] += u[m * R + r0 + j] * xv;
   }
-  for (int j = 0; j < kRanksPerThread && r0 + j < R; ++j) atomicAdd(&dq_acc[(r0 + j) * K + k], acc[j]);
+  A* part = dq_part + static_cast<int64_t>(blockIdx.z) * R * K;
+  for (int j = 0; j < kRanksPerThread && r0 + j < R; ++j) part[(r0 + j) * K + k] = acc[j];
 }
 
 __global__ void keep_mask_kernel(bool* __restrict__ out, int64_t rows, int64_t cols, uint64_t seed,
@@ -129,10 +128,9 @@ cudaError_t shrink_dropout(const T* x, int64_t sxm, int64_t sxk, const T* q, T* 
 }
 
 template <typename T, typename A>
-cudaError_t u_and_dlam(const T* dt, const T* t, const T* lam, A* u, A* dlam_acc, int64_t M, int R,
-                       cudaStream_t stream) {
+cudaError_t scale_by_lam(const T* dt, const T* lam, A* u, int64_t M, int R, cudaStream_t stream) {
   if (M * R == 0) return cudaSuccess;
-  u_and_dlam_kernel<T, A><<<blocks_for(M * R, kThreads), kThreads, 0, stream>>>(dt, t, lam, u, dlam_acc, M, R);
+  scale_by_lam_kernel<T, A><<<blocks_for(M * R, kThreads), kThreads, 0, stream>>>(dt, lam, u, M, R);
   return cudaGetLastError();
 }
 
@@ -146,12 +144,11 @@ cudaError_t masked_adapter_dx(T* dx, const A* u, const T* q, int64_t M, int64_t 
 }
 
 template <typename T, typename A>
-cudaError_t dq_accumulate(const T* x, int64_t sxm, int64_t sxk, const A* u, A* dq_acc, int64_t M, int64_t K, int R,
-                          uint64_t seed, uint32_t threshold, cudaStream_t stream) {
+cudaError_t dq_partials(const T* x, int64_t sxm, int64_t sxk, const A* u, A* dq_part, int64_t M, int64_t K, int R,
+                        uint64_t seed, uint32_t threshold, cudaStream_t stream) {
   if (M * K == 0 || R == 0) return cudaSuccess;
-  const int64_t rows_per_block = 256;
-  const dim3 grid(blocks_for(K, kThreads), blocks_for(R, kRanksPerThread), blocks_for(M, rows_per_block));
-  dq_kernel<T, A><<<grid, kThreads, 0, stream>>>(x, sxm, sxk, u, dq_acc, M, K, R, seed, threshold, rows_per_block);
+  const dim3 grid(blocks_for(K, kThreads), blocks_for(R, kRanksPerThread), static_cast<unsigned int>(dq_splits(M)));
+  dq_kernel<T, A><<<grid, kThreads, 0, stream>>>(x, sxm, sxk, u, dq_part, M, K, R, seed, threshold, kDqRowsPerSplit);
   return cudaGetLastError();
 }
 
@@ -164,11 +161,11 @@ cudaError_t keep_mask(bool* out, int64_t rows, int64_t cols, uint64_t seed, uint
 #define AK_INSTANTIATE(T, A)                                                                                      \
   template cudaError_t shrink_dropout<T>(const T*, int64_t, int64_t, const T*, T*, int64_t, int64_t, int,       \
                                          uint64_t, uint32_t, double, cudaStream_t);                             \
-  template cudaError_t u_and_dlam<T, A>(const T*, const T*, const T*, A*, A*, int64_t, int, cudaStream_t);      \
+  template cudaError_t scale_by_lam<T, A>(const T*, const T*, A*, int64_t, int, cudaStream_t);                  \
   template cudaError_t masked_adapter_dx<T, A>(T*, const A*, const T*, int64_t, int64_t, int, uint64_t,         \
                                                uint32_t, double, cudaStream_t);                                 \
-  template cudaError_t dq_accumulate<T, A>(const T*, int64_t, int64_t, const A*, A*, int64_t, int64_t, int,     \
-                                           uint64_t, uint32_t, cudaStream_t);
+  template cudaError_t dq_partials<T, A>(const T*, int64_t, int64_t, const A*, A*, int64_t, int64_t, int,       \
+                                         uint64_t, uint32_t, cudaStream_t);
 
 AK_INSTANTIATE(float, float)
 AK_INSTANTIATE(double, double)

@@ -40,6 +40,7 @@ class CompiledVariant:
     registers: int  # per thread, from the cubin
     local: int  # bytes of register spill stores per thread (ptxas)
     seconds: float  # compile time (0 for a kernel already in Triton's cache)
+    hash: str  # Triton's hash of the compiled kernel: equal hashes, one compile
     fits: bool  # shared <= the architecture's per-block limit
 
     @property
@@ -120,7 +121,7 @@ def compile_only(arch: int) -> Iterator[list[CompiledVariant]]:
         records.append(
             CompiledVariant(
                 self.__name__, arch, constants, meta.num_warps, meta.num_stages, meta.shared, registers, local,
-                seconds, meta.shared <= SHARED_MEMORY[arch],
+                seconds, kernel.hash, meta.shared <= SHARED_MEMORY[arch],
             )
         )  # fmt: skip
         return kernel

@@ -1,0 +1,246 @@
+"""The GPU hazards that a CPU can show: int64 offsets, the float64 dropout scale, determinism without atomics,
+TF32 only where torch allows it, the autotune prune, auto's measured choice, and (in a subprocess, without the
+interpreter) the compiled kernels themselves: no specialisation on M or the seed, no 16-bit spills."""
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+import triton
+import triton.language as tl
+
+from adalora_kernels.kernels import unavailable_reason
+from adalora_kernels.kernels.triton.adalora_linear import _offsets
+from adalora_kernels.ops import backend as backend_mod
+
+ROOT = Path(__file__).resolve().parent.parent
+TRITON_RUNS = unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None
+needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="Triton cannot run here (no CUDA, no TRITON_INTERPRET)")
+
+
+# ------------------------------------------------------------------------------------------ auto's choice
+
+
+def test_auto_measures_once_and_keeps_the_fastest():
+    backend_mod.clear_auto_choices()
+    calls = []
+
+    def timer(name):
+        calls.append(name)
+        return {"triton": 2.0, "csrc": 1.5, "torch": 3.0}[name]
+
+    key = ("cuda:0", 8192, 4096, 4096, 16, "bfloat16", True, False)
+    assert backend_mod.measured_choice(key, ["triton", "csrc", "torch"], timer) == "csrc"
+    assert backend_mod.measured_choice(key, ["triton", "csrc", "torch"], timer) == "csrc"
+    assert calls == ["triton", "csrc", "torch"]  # timed once per key, cached for the process
+    other = (*key[:-1], True)
+    assert (
+        backend_mod.measured_choice(other, ["triton", "torch"], lambda n: {"triton": 1.0, "torch": 2.0}[n]) == "triton"
+    )
+    assert backend_mod.auto_choices()[key] == ("csrc", {"triton": 2.0, "csrc": 1.5, "torch": 3.0})
+    backend_mod.clear_auto_choices()
+
+
+def test_auto_skips_a_backend_that_fails_to_run():
+    backend_mod.clear_auto_choices()
+
+    def timer(name):
+        if name == "triton":
+            raise RuntimeError("out of resources")
+        return 1.0
+
+    assert backend_mod.measured_choice(("k",), ["triton", "torch"], timer) == "torch"
+    assert backend_mod.measured_choice(("j",), ["triton"], timer) == "triton"  # none timed: the first
+    backend_mod.clear_auto_choices()
+
+
+def test_auto_key_buckets_tokens_and_names_the_case():
+    from adalora_kernels.ops.adalora_linear import auto_key
+
+    w, lam = torch.empty(24, 40), torch.empty(4)
+    k1 = auto_key(torch.empty(3, 600, 40), w, None, lam, 0.1)
+    k2 = auto_key(torch.empty(2048, 40), w, None, lam, 0.1)
+    assert k1 == k2 == ("cpu", 2048, 40, 24, 4, "float32", True, False)
+    assert auto_key(torch.empty(2049, 40), w, torch.empty(24), lam, 0.0)[1:] == (
+        4096,
+        40,
+        24,
+        4,
+        "float32",
+        False,
+        True,
+    )
+
+
+def test_an_explicit_backend_is_never_measured(monkeypatch):
+    monkeypatch.setenv(backend_mod.ENV_VAR, "torch")
+    assert backend_mod.requested(None) == "torch"
+    assert backend_mod.requested("csrc") == "csrc"
+    monkeypatch.delenv(backend_mod.ENV_VAR)
+    assert backend_mod.requested(None) == "auto"
+
+
+# ------------------------------------------------------------------------------------------ kernels (CPU)
+
+
+@triton.jit
+def _offsets_kernel(out_ptr, row0, stride_rows):
+    rows = row0 + tl.arange(0, 4)  # int32 indices, as the kernels' aranges
+    offs = _offsets(rows, tl.arange(0, 4), stride_rows, 1)
+    tl.store(out_ptr + tl.arange(0, 4)[:, None] * 4 + tl.arange(0, 4)[None, :], offs)
+
+
+@needs_triton
+def test_tile_offsets_are_int64_past_2_31():
+    out = torch.empty(4, 4, dtype=torch.int64)
+    _offsets_kernel[(1,)](out, 40000, 65536)  # 40000 · 65536 = 2.6e9 > 2³¹
+    rows = torch.arange(40000, 40004, dtype=torch.int64)[:, None]
+    assert torch.equal(out, rows * 65536 + torch.arange(4)[None, :])
+
+
+@needs_triton
+def test_float64_dropout_scale_is_exact():
+    from helpers import keep_mask, make_inputs
+
+    import adalora_kernels as ak
+    from adalora_kernels.reference import adalora_linear_ref
+
+    x, w, b, P, lam, Q, m = make_inputs((24,), 48, 40, 8, torch.float64, mask=True)
+    keep = keep_mask("triton", (24, 48), 0.1, 7)
+    y = ak.adalora_linear(x, w, b, P, lam, Q, scaling=0.5, rank_mask=m, dropout_p=0.1, seed=7, backend="triton")
+    ref = adalora_linear_ref(x, w, b, P, lam, Q, 0.5, m, keep, 0.1)
+    assert torch.allclose(y, ref, rtol=1e-13, atol=1e-13)  # a float32 1/(1-p) is off by ~5e-8
+
+
+@needs_triton
+def test_backward_is_bitwise_reproducible_without_atomics():
+    from helpers import make_inputs
+
+    import adalora_kernels as ak
+    from adalora_kernels.kernels.triton import adalora_linear as kmod
+
+    assert "tl.atomic" not in inspect.getsource(kmod)
+    # K = 600 and few rows: the shrink splits over K and the reductions over rows (several partials)
+    x, w, b, P, lam, Q, m = make_inputs((40,), 600, 520, 8, torch.float32, mask=True)
+    assert kmod.splits_for(1, 600, x.device) > 1
+    grads = []
+    for _ in range(2):
+        leaves = [v.detach().clone().requires_grad_() for v in (x, P, lam, Q)]
+        y = ak.adalora_linear(leaves[0], w, b, *leaves[1:], scaling=0.5, rank_mask=m, dropout_p=0.2, seed=5,
+                              backend="triton")  # fmt: skip
+        y.square().sum().backward()
+        grads.append([y.detach(), *(v.grad for v in leaves)])
+    assert all(torch.equal(a, c) for a, c in zip(*grads))
+
+
+def test_tf32_only_where_torch_allows_it(monkeypatch):
+    from adalora_kernels.kernels.triton import adalora_linear as kmod
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert kmod.dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert kmod.dot_precision(torch.float32) == "tf32"
+    assert kmod.dot_precision(torch.float64) == "ieee"
+
+
+def test_every_autotune_key_buckets_m_and_names_every_flag():
+    from adalora_kernels.kernels.triton import adalora_linear as kmod
+
+    tuned = [v for v in vars(kmod).values() if isinstance(v, triton.runtime.autotuner.Autotuner)]
+    assert len(tuned) == 5
+    for kernel in tuned:
+        params = inspect.signature(kernel.fn.fn).parameters
+        assert "M" not in kernel.keys and "M_BUCKET" in kernel.keys
+        flags = {n for n in params if n.startswith(("HAS_", "NEED_")) or n in ("DOT_PRECISION", "BLOCK_R", "SPLITS")}
+        assert flags <= set(kernel.keys), (kernel.fn, flags - set(kernel.keys))
+        sizes = {n for n in ("N", "K") if n in params}
+        assert sizes <= set(kernel.keys)
+        assert params["seed"].annotation in (tl.int64, "tl.int64") if "seed" in params else True
+    assert kmod.m_bucket(2049) == kmod.m_bucket(4096) == 4096 and kmod.m_bucket(1) == 16
+
+
+def test_prune_sizes_by_the_streamed_operand_and_drops_spilling_tiles(monkeypatch):
+    from adalora_kernels.kernels.triton import config
+
+    monkeypatch.setattr(config, "shared_memory_bytes", lambda: 163 * 1024)  # an A100
+    monkeypatch.setattr(config, "autotune_enabled", lambda: True)
+    cfgs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3)]
+    args = {"g_ptr": torch.empty(1, dtype=torch.bfloat16), "u_ptr": torch.empty(1, dtype=torch.float32)}
+    # 96 KiB for 16-bit operands; sizing by the float32 buffer u would have dropped it
+    assert config.prune_by_shared_memory(cfgs, args, BLOCK_R=16, HAS_DROPOUT=False) == cfgs
+    small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2)
+    # with dropout the mask beside a 128×256 accumulator spilled (sm_90: 520 bytes per thread)
+    assert config.prune_by_shared_memory([*cfgs, small], args, BLOCK_R=16, HAS_DROPOUT=True) == [small]
+
+
+# ------------------------------------------------------------------------------------------ compiled (no GPU)
+
+_COMPILE = textwrap.dedent(
+    """
+    import json, sys, torch
+    from adalora_kernels.kernels.triton import adalora_linear as k
+    from adalora_kernels.kernels.triton.aot import compile_only
+    out = []
+    for arch in (80, 90):
+        with compile_only(arch) as records:
+            for M, seed in ((256, 3), (257, 2**40 + 1), (300, 2**33)):  # new token counts and seed widths
+                x, w, P, lam, Q = (torch.empty(*s, dtype=torch.bfloat16) for s in
+                                   ((M, 512), (384, 512), (384, 16), (16,), (16, 512)))
+                _, t = k.linear_forward(x, w, None, P, lam, Q, 0.1, seed)
+                k.linear_backward(torch.empty(M, 384, dtype=torch.bfloat16), x, w, P, lam, Q, t, 0.1, seed, True, True)
+        out += [dict(kernel=r.kernel, arch=arch, hash=r.hash, local=r.local, fits=r.fits) for r in records]
+    json.dump(out, sys.stdout)
+    """
+)
+
+
+def test_kernels_compile_for_sm80_and_sm90_without_specialising_on_m_or_seed():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(ADALORA_KERNELS_AUTOTUNE="0", PYTHONPATH=str(ROOT), TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = json.loads(result.stdout)
+    kernels = {r["kernel"] for r in records}
+    assert kernels == {"_shrink_fwd_kernel", "_fused_fwd_kernel", "_dt_bwd_kernel", "_fused_dx_bwd_kernel",
+                       "_rank_reduce_bwd_kernel"}  # fmt: skip
+    for arch in (80, 90):
+        for kernel in kernels - {"_rank_reduce_bwd_kernel"}:  # one compile serves every M and seed
+            assert len({r["hash"] for r in records if r["kernel"] == kernel and r["arch"] == arch}) == 1, kernel
+    assert all(r["fits"] and r["local"] == 0 for r in records), [r for r in records if r["local"] or not r["fits"]]
+
+
+# ------------------------------------------------------------------------------------------ csrc and allocator
+
+
+def test_csrc_backward_checks_the_saved_t_before_reading_it():
+    from adalora_kernels.kernels import csrc
+
+    if csrc.unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip("the csrc extension is not built")
+    x, w, g = torch.randn(6, 8), torch.randn(5, 8), torch.randn(6, 5)
+    P, lam, Q = torch.randn(5, 3), torch.randn(3), torch.randn(3, 8)
+    bwd = torch.ops.adalora_kernels.csrc_linear_bwd
+    with pytest.raises(RuntimeError, match=r"t must be \(6, 3\)"):
+        bwd(g, x, w, P, lam, Q, torch.randn(4, 3), 0.0, 0, True, True)  # too few rows: an out-of-bounds read
+    with pytest.raises(RuntimeError, match="grad and t must have x's dtype"):
+        bwd(g, x, w, P, lam, Q, torch.randn(6, 3, dtype=torch.float64), 0.0, 0, True, True)
+
+
+def test_layers_sharing_an_adapter_tensor_are_refused():
+    import adalora_kernels as ak
+
+    a = ak.AdaLoRALinear.from_linear(torch.nn.Linear(8, 6), init_r=3)
+    b = ak.AdaLoRALinear.from_linear(torch.nn.Linear(8, 6), init_r=3)
+    b.P = a.P  # one tensor in two layers: its EMAs would be updated twice (concurrently on a GPU)
+    model = torch.nn.Sequential(a, b)
+    with pytest.raises(ValueError, match=r"1\.P: shares its storage with 0\.P"):
+        ak.RankAllocator(model, target_r=1, total_step=10)

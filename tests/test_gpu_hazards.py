@@ -244,3 +244,27 @@ def test_layers_sharing_an_adapter_tensor_are_refused():
     model = torch.nn.Sequential(a, b)
     with pytest.raises(ValueError, match=r"1\.P: shares its storage with 0\.P"):
         ak.RankAllocator(model, target_r=1, total_step=10)
+
+
+def test_no_atomics_in_the_csrc_cuda_layer_kernels():
+    source = (ROOT / "csrc" / "cuda" / "linear_kernels.cu").read_text()
+    assert "atomicAdd" not in source and "atomicCAS" not in source
+
+
+def test_shared_memory_estimate_bounds_every_compiled_kernel():
+    """The prune's estimate against the compiled shared memory of every kept variant of the committed sweep."""
+    from adalora_kernels.kernels.triton import config
+
+    rows = json.loads((ROOT / "benchmarks" / "results" / "triton-compile-sweep.json").read_text())["rows"]
+    checked = 0
+    for row in rows:
+        if not row["tiles"]:
+            continue
+        tiles = [int(v) for v in row["tiles"].split("x")]
+        names = ("BLOCK_M", "BLOCK_N", "BLOCK_K") if len(tiles) == 3 else ("BLOCK_M", "BLOCK_K")
+        cfg = triton.Config(dict(zip(names, tiles)), num_warps=row["num_warps"], num_stages=row["num_stages"])
+        size = torch.empty(0, dtype=getattr(torch, row["dtype"])).element_size()
+        assert config.shared_memory_need(cfg, size, max(16, row["r"])) >= row["shared"], row
+        assert row["local"] == 0 or row["dtype"] not in ("float16", "bfloat16"), row
+        checked += 1
+    assert checked > 1000

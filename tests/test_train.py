@@ -38,8 +38,10 @@ def test_rank_table_groups_layers_and_modules():
 
 
 def test_bad_train_arguments(capsys):
-    with pytest.raises(SystemExit, match="--target-r: expected 0 <= target_r <= init_r"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "--init-r", "2", "--target-r", "3"])
+    assert exit_info.value.code == 2
+    assert "--target-r: expected 0 <= target_r <= init_r (2), got 3" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--model", "gpt-9"])
     assert "unknown model 'gpt-9'; valid: auto, minilm, tiny-llama" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import re
 from torch import nn
 
 from ..modules import AdaLoRALinear
-from ..modules.linear import is_conv1d
+from ..modules.linear import check_adapter_args, is_conv1d
 
 
 def _matches(name: str, target_modules: str | list[str]) -> bool:
@@ -50,6 +50,7 @@ def inject_adalora(
         raise TypeError(
             f"target_modules: expected a regex string or a list of names, got {type(target_modules).__name__}"
         )
+    check_adapter_args(init_r, lora_alpha, lora_dropout, backend)
     _check_targets(model, target_modules)
     chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
     for name, module in chosen:

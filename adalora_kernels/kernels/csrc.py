@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _C  # noqa: F401  (registers the ops)
+from . import torch_composite
 from .layout import FlatLayout
 from .torch_composite import mask_lams, triplet_scores
 
@@ -46,6 +47,10 @@ def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, 
 
 
 def sensitivity_update(layout: FlatLayout, params, grads, ema_ipt, ema_unc, beta1: float, beta2: float) -> Tensor:
+    if ema_ipt.dtype not in (torch.float32, torch.float64):
+        # 16-bit adapters: the C++ kernels hold float32/float64; the whole-buffer ops round each step in the
+        # adapter dtype, as PEFT does, and stay on the device
+        return torch_composite.sensitivity_update(layout, params, grads, ema_ipt, ema_unc, beta1, beta2)
     flat = [t for triple in params for t in triple]
     ipt_views = [t for triple in layout.views(ema_ipt) for t in triple]
     unc_views = [t for triple in layout.views(ema_unc) for t in triple]

@@ -218,12 +218,34 @@ class RankAllocator:
                 t.layer.rank_mask.copy_(self._keep[offset : offset + r])
             offset += r
 
+    def _unfreeze_pattern(self) -> None:
+        """Back before the final step (a step that goes back in time): ranks are masked by λ again, as PEFT."""
+        self._final = False
+        for t in self.triplets:
+            if t.layer is not None:
+                t.layer.rank_mask.fill_(True)
+
     @torch.no_grad()
     def update_and_allocate(self, global_step: int) -> int:
-        """One step of PEFT's ``update_and_allocate``; returns the budget (triplets kept over all layers)."""
+        """One step of PEFT's ``update_and_allocate``; returns the budget (triplets kept over all layers).
+
+        Steps are taken by value, as PEFT does: a repeated step (say, once per micro-batch under gradient
+        accumulation) updates the EMAs again and masks again where the schedule masks; a skipped step is not
+        scored; a step back before ``total_step - tfinal`` after the pattern was frozen scores and masks by
+        the schedule again (PEFT overwrites its rank pattern the same way). The final step repeated re-applies
+        the frozen pattern (PEFT raises there, its EMAs being reset) rather than rescoring from the reset EMAs,
+        which would prune every rank."""
+        if isinstance(global_step, bool) or not hasattr(global_step, "__index__") or global_step.__index__() < 0:
+            raise ValueError(f"global_step: expected an int >= 0, got {global_step!r}")
+        global_step = global_step.__index__()
         final_step = self.total_step - self.tfinal
+        if global_step < final_step and self._final:
+            self._unfreeze_pattern()
         budget, mask_now = self.budget_schedule(global_step)
-        self.masked_last_step = global_step == final_step or (global_step < final_step and mask_now)
+        repeated_final = global_step == final_step and self._final
+        self.masked_last_step = (global_step == final_step and not repeated_final) or (
+            global_step < final_step and mask_now
+        )
         if global_step < final_step:
             if self._sharded:
                 scores = sharded.sensitivity_update(
@@ -237,6 +259,8 @@ class RankAllocator:
                 )
             if mask_now:
                 self._mask(scores, budget)
+        elif repeated_final:  # the pattern stands (the EMAs were reset after it was taken)
+            self._mask_lams()
         elif global_step == final_step:  # the last scores, without an update of the EMAs (as PEFT)
             if self._sharded:
                 scores = sharded.triplet_scores(self.triplets, self._ema_ipt, self._ema_unc)

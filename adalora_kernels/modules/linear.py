@@ -10,6 +10,20 @@ from ..ops import adalora_linear
 from ..reference import effective_lam, peft_scaling
 
 
+def check_adapter_args(init_r, lora_alpha, lora_dropout, backend) -> None:
+    """The adapter hyper-parameters, checked before anything is built or frozen."""
+    import math
+
+    if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r < 0:
+        raise ValueError(f"init_r: expected an int >= 0, got {init_r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha: expected a finite number, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout: expected a float in [0, 1), got {lora_dropout!r}")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend: expected a backend name or None, got {type(backend).__name__}")
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2 and friends): a linear layer whose weight is stored (in, out)."""
     return (
@@ -60,6 +74,9 @@ class AdaLoRALinear(nn.Module):
     ) -> AdaLoRALinear:
         """Wrap ``linear`` (an ``nn.Linear`` or transformers' ``Conv1D``): its weight and bias are shared (not
         copied) and frozen."""
+        check_adapter_args(init_r, lora_alpha, lora_dropout, backend)
+        if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
+            raise TypeError(f"linear: expected an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         if isinstance(linear, nn.Linear):
@@ -75,10 +92,7 @@ class AdaLoRALinear(nn.Module):
         return layer
 
     def _init_adapter(self, init_r: int, lora_alpha: float, lora_dropout: float, backend: str | None) -> None:
-        if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r < 0:
-            raise ValueError(f"init_r: expected an int >= 0, got {init_r!r}")
-        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout: expected a float in [0, 1), got {lora_dropout!r}")
+        check_adapter_args(init_r, lora_alpha, lora_dropout, backend)
         self.init_r, self.lora_alpha, self.lora_dropout = init_r, lora_alpha, float(lora_dropout)
         self.scaling = peft_scaling(init_r, lora_alpha)
         self.backend = backend

@@ -35,7 +35,7 @@ def linear_fwd(
     seed: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # explicit rows: in_features may be 0
     kernels = get_backend(backend, x.device)
     y2, t = kernels.linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, int(seed))
     return y2.reshape(*x.shape[:-1], weight.shape[0]), t
@@ -62,8 +62,8 @@ def linear_bwd(
     need_dx: bool,
     need_adapter: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x2 = x.reshape(-1, x.shape[-1])
-    g2 = grad.reshape(-1, weight.shape[0])
+    rows = x.shape[:-1].numel()
+    x2, g2 = x.reshape(rows, x.shape[-1]), grad.reshape(rows, weight.shape[0])
     kernels = get_backend(backend, x.device)
     dx, dP, dlam, dQ = kernels.linear_backward(
         g2, x2, weight, P, lam_eff, Q, t, dropout_p, int(seed), need_dx, need_adapter
@@ -97,21 +97,28 @@ def _backward(ctx, grad_y, _grad_t):
         )
         dx = dx if need_dx else None
         dP, dlam, dQ = (v if n else None for v, n in zip((dP, dlam, dQ), need[3:6]))
+    rows = x.shape[:-1].numel()
     if need[1]:  # a base weight the user chose to train: a plain GEMM, outside the fused kernels
-        dW = grad_y.reshape(-1, weight.shape[0]).T @ x.reshape(-1, x.shape[-1])
+        dW = grad_y.reshape(rows, weight.shape[0]).T @ x.reshape(rows, x.shape[-1])
     if need[2]:
-        db = grad_y.reshape(-1, weight.shape[0]).sum(0)
+        db = grad_y.reshape(rows, weight.shape[0]).sum(0)
     return dx, dW, db, dP, dlam, dQ, None, None, None
 
 
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_tensor_args(**tensors) -> None:
+    """Every tensor argument is a tensor (bias and rank_mask may be None), before anything reads them."""
+    for name, value in tensors.items():
+        optional = name in ("bias", "rank_mask")
+        if not isinstance(value, Tensor) and not (optional and value is None):
+            what = "a torch.Tensor or None" if optional else "a torch.Tensor"
+            raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
+
+
 def _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling) -> None:
     tensors = {"x": x, "weight": weight, "bias": bias, "P": P, "lam": lam, "Q": Q, "rank_mask": rank_mask}
-    for name, value in tensors.items():
-        if value is not None and not isinstance(value, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
@@ -147,7 +154,9 @@ def _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling) -> 
             )
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, torch.SymFloat, torch.SymInt)):
+        raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
+    if isinstance(scaling, (int, float)) and not abs(scaling) < math.inf:  # NaN too; plain compares trace
         raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
 
 
@@ -229,11 +238,12 @@ def adalora_linear(
     input, its mask drawn from ``seed`` (from torch's generator when ``None``) and regenerated in backward.
     ``backend``: ``None``/``"auto"``, ``"torch"``, ``"triton"`` or ``"csrc"``.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    _check_tensor_args(x=x, weight=weight, bias=bias, P=P, lam=lam, Q=Q, rank_mask=rank_mask)
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         # as autocast does for F.linear: compute in the autocast dtype, grads flow back through the casts
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, P, lam, Q = (t.to(dtype) if isinstance(t, Tensor) else t for t in (x, weight, P, lam, Q))
-        bias = bias.to(dtype) if isinstance(bias, Tensor) else bias
+        x, weight, P, lam, Q = (t.to(dtype) for t in (x, weight, P, lam, Q))
+        bias = bias.to(dtype) if bias is not None else None
     _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling)
     p = float(dropout_p) if training else 0.0
     seed_t = _seed_tensor(seed) if (p > 0.0 or seed is not None) else torch.zeros((), dtype=torch.int64)

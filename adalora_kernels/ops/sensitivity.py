@@ -31,7 +31,8 @@ def mask_lams(lams, keep: Tensor, backend: str | None = None) -> None:
 
 
 def threshold_keep(scores: Tensor, k: int) -> Tensor:
-    """``scores > kthvalue(scores, k)``: PEFT's mask (ties at the threshold are dropped); all kept if k = 0."""
+    """``~(scores <= kthvalue(scores, k))``: PEFT's ``masked_fill(score <= kth)`` (ties at the threshold are
+    dropped, a NaN score is kept, as in PEFT); all kept if k = 0."""
     if k <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    return scores > torch.kthvalue(scores, k).values
+    return ~(scores <= torch.kthvalue(scores, k).values)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import get_autotune_configs, get_rowblock_configs, prune_by_shared_memory
+from .config import INTERPRET, get_autotune_configs, get_rowblock_configs, prune_by_shared_memory
 
 _PRUNE = {"early_config_prune": prune_by_shared_memory}
 _UNSPECIALISED = ["M", "M_BUCKET", "seed"]
@@ -387,7 +387,16 @@ def _rank_reduce(a, lam, b, out, dropout_p, seed, meta):
         out.copy_(part.sum(0))
 
 
+def _refuse_interpreted_bfloat16(dtype: torch.dtype) -> None:
+    if INTERPRET and dtype == torch.bfloat16:
+        raise TypeError(
+            "x: bfloat16 on the Triton interpreter (TRITON_INTERPRET=1) is refused: the interpreter computes "
+            "bfloat16 tl.dot wrongly without an error; use float16/float32 there, or another backend"
+        )
+
+
 def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
+    _refuse_interpreted_bfloat16(x2.dtype)
     M, K = x2.shape
     N, R = P.shape
     meta = _meta(x2.dtype, R)
@@ -414,6 +423,7 @@ def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
 
 
 def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter):
+    _refuse_interpreted_bfloat16(x2.dtype)
     M, K = x2.shape
     N, R = P.shape
     meta = _meta(x2.dtype, R)

@@ -160,8 +160,21 @@ class RankAllocator:
 
     def load_state_dict(self, state: dict) -> None:
         names = [t.name for t in self.triplets]
+        missing = {"ema_ipt", "ema_unc", "keep", "final", "names"} - set(state)
+        if missing:
+            raise ValueError(f"state: not a RankAllocator state_dict, it lacks {sorted(missing)}")
         if state["names"] != names:
             raise ValueError(f"state: saved for layers {state['names'][:3]}…, this allocator has {names[:3]}…")
+        for key, ours in (("ema_ipt", self._ema_ipt), ("ema_unc", self._ema_unc)):  # all checked before any copy
+            pairs = list(zip(ours, state[key])) if self._sharded else [(ours, state[key])]
+            if self._sharded and len(state[key]) != len(ours):
+                raise ValueError(f"state[{key!r}]: {len(state[key])} tensors, this allocator has {len(ours)}")
+            for d, v in pairs:
+                if not isinstance(v, Tensor) or v.shape != d.shape:
+                    raise ValueError(f"state[{key!r}]: expected shape {tuple(d.shape)}, got {getattr(v, 'shape', v)}")
+        keep = state["keep"]
+        if keep is not None and (not isinstance(keep, Tensor) or keep.shape != (self.init_bgt,)):
+            raise ValueError(f"state['keep']: expected None or a bool tensor of {self.init_bgt} triplets")
         with torch.no_grad():
             for dst, src in ((self._ema_ipt, state["ema_ipt"]), (self._ema_unc, state["ema_unc"])):
                 for d, v in zip(dst, src) if self._sharded else ((dst, src),):

@@ -167,7 +167,7 @@ def test_state_dict_resume_gives_identical_results():
         ({"total_step": 0}, ValueError, "total_step: expected a positive int"),
         ({"total_step": None}, TypeError, "total_step: expected an int"),
         ({"tinit": 15, "tfinal": 5}, ValueError, "tinit: expected tinit < total_step - tfinal = 15"),
-        ({"target_r": 7}, ValueError, r"target_r: expected 0 <= target_r <= init_r \(6\)"),
+        ({"target_r": 7}, ValueError, r"final budget target_r × 1 layers within the 6 ranks the layers have, got 7"),
         ({"beta1": 1.0}, ValueError, r"beta1: expected a float in \(0, 1\)"),
         ({"beta2": 0.0}, ValueError, r"beta2: expected a float in \(0, 1\)"),
         ({"deltaT": 0}, ValueError, "deltaT: expected an int >= 1"),

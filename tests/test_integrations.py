@@ -118,7 +118,7 @@ def test_accelerated_peft_trains_like_peft(factory, targets):
     total = 12
     plain, fast = _peft_pair(factory, targets, init_r=6, target_r=2, total_step=total, tinit=2, tfinal=3, deltaT=2,
                              lora_alpha=8, orth_reg_weight=0.3)  # fmt: skip
-    assert type(fast.base_model.model.get_submodule(_first_svd(fast))).__name__ == "AcceleratedSVDLinear"
+    assert type(fast.base_model.model.get_submodule(_first_svd(fast))).__name__ == "FusedSVDLinear"
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (plain, fast)]
     for step in range(total + 3):  # warm-up, budgeting, final phase, past total_step
         b = batch(step)
@@ -172,7 +172,7 @@ def test_unaccelerable_layers_stay_peft_with_one_warning():
         ak.accelerate_peft(pm)
     msgs = [str(w.message) for w in caught if "accelerate_peft" in str(w.message)]
     assert len(msgs) == 1 and "conv (SVDConv2d over Conv2d)" in msgs[0]
-    assert type(pm.base_model.model.lin).__name__ == "AcceleratedSVDLinear"
+    assert type(pm.base_model.model.lin).__name__ == "FusedSVDLinear"
     with pytest.raises(TypeError, match="peft_model: expected a PEFT model with an AdaLoRA adapter"):
         ak.accelerate_peft(nn.Linear(2, 2))
 

@@ -262,18 +262,21 @@ def import_peft(model: nn.Module, path: str | Path, *, backend: str | None = Non
             _expect(name, label, keys.get(f"{name}.{label}"), shape)
         plan.append((name, kept))
     # the rest: biases of any module (bias="lora_only"/"all") and modules_to_save copies, into the model's own
+    # (PEFT's forward uses a modules_to_save copy over the module itself; the original_module is unused)
     extra = {}
-    for key, value in keys.items():
+    for key, value in sorted(keys.items(), key=lambda kv: ".modules_to_save." in kv[0]):
         if key.rsplit(".", 1)[0] in names and key.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_E"):
             continue
-        target = key.replace(".modules_to_save.", ".").replace(".original_module.", ".")
+        if ".original_module." in key:
+            continue
+        target = key.replace(".modules_to_save.", ".").replace(".base_layer.", ".")  # PEFT's wrappers
         owner, _, attr = target.rpartition(".")
         module = _submodule(model, owner) if owner else model
         current = getattr(module, attr, None)
         if not isinstance(current, torch.Tensor) or current.shape != value.shape:
             have = "none" if not isinstance(current, torch.Tensor) else tuple(current.shape)
             raise ValueError(f"{key}: the adapter's tensor {tuple(value.shape)} fits no tensor of the model ({have})")
-        extra[key] = (current, value)
+        extra[target] = (current, value)
     inject_adalora(model, names, init_r=init_r, lora_alpha=cfg["lora_alpha"],
                    lora_dropout=cfg["lora_dropout"], backend=backend)  # fmt: skip
     for name, kept in plan:

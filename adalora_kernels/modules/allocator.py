@@ -78,37 +78,18 @@ class RankAllocator:
             raise ValueError(
                 f"init_r: expected the layers' rank, got init_r={init_r} but layers have {sorted(set(ranks))}"
             )
-        for name, value in (
-            ("total_step", total_step),
-            ("target_r", target_r),
-            ("tinit", tinit),
-            ("tfinal", tfinal),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name}: expected an int, got {value!r}")
-        if total_step <= 0:
-            raise ValueError(f"total_step: expected a positive int, got {total_step}")
-        if tinit < 0 or tfinal < 0:
-            raise ValueError(f"tinit and tfinal: expected ints >= 0, got tinit={tinit}, tfinal={tfinal}")
-        if tinit >= total_step - tfinal:
+        if isinstance(target_r, bool) or not isinstance(target_r, int):
+            raise TypeError(f"target_r: expected an int, got {target_r!r}")
+        if target_r < 0 or target_r * len(ranks) > sum(ranks):
             raise ValueError(
-                f"tinit: expected tinit < total_step - tfinal = {total_step - tfinal} so that there is a budgeting "
-                f"phase, got tinit={tinit}"
+                f"target_r: expected 0 <= target_r and a final budget target_r × {len(ranks)} layers within the "
+                f"{sum(ranks)} ranks the layers have, got {target_r}"
             )
-        if not 0 <= target_r <= min(ranks):
-            raise ValueError(f"target_r: expected 0 <= target_r <= init_r ({min(ranks)}), got {target_r}")
-        if isinstance(deltaT, bool) or not isinstance(deltaT, int) or deltaT < 1:
-            raise ValueError(f"deltaT: expected an int >= 1, got {deltaT!r}")
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 < beta < 1.0:
                 raise ValueError(f"{name}: expected a float in (0, 1), got {beta!r}")
-        self.target_r, self.total_step, self.tinit, self.tfinal, self.deltaT = (
-            target_r,
-            total_step,
-            tinit,
-            tfinal,
-            deltaT,
-        )
+        self.set_schedule(total_step=total_step, tinit=tinit, tfinal=tfinal, deltaT=deltaT)
+        self.target_r = target_r
         self.beta1, self.beta2, self.backend = beta1, beta2, backend
         self.init_bgt = sum(ranks)
         self.target_bgt = target_r * len(self.triplets)
@@ -138,6 +119,24 @@ class RankAllocator:
         self._keep: Tensor | None = None  # last mask over all triplets (device), PEFT's rank_pattern
         self._final = False
         self.masked_last_step = False  # whether the last update_and_allocate computed a new mask
+
+    def set_schedule(self, *, total_step: int, tinit: int, tfinal: int, deltaT: int) -> None:
+        """Check and set the budget schedule (PEFT reads its config's at every step; its Trainer sets total_step)."""
+        for name, value in (("total_step", total_step), ("tinit", tinit), ("tfinal", tfinal)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int, got {value!r}")
+        if total_step <= 0:
+            raise ValueError(f"total_step: expected a positive int, got {total_step}")
+        if tinit < 0 or tfinal < 0:
+            raise ValueError(f"tinit and tfinal: expected ints >= 0, got tinit={tinit}, tfinal={tfinal}")
+        if tinit >= total_step - tfinal:
+            raise ValueError(
+                f"tinit: expected tinit < total_step - tfinal = {total_step - tfinal} so that there is a budgeting "
+                f"phase, got tinit={tinit}"
+            )
+        if isinstance(deltaT, bool) or not isinstance(deltaT, int) or deltaT < 1:
+            raise ValueError(f"deltaT: expected an int >= 1, got {deltaT!r}")
+        self.total_step, self.tinit, self.tfinal, self.deltaT = total_step, tinit, tfinal, deltaT
 
     # ---------------------------------------------------------------------------------------- state
 
@@ -211,6 +210,24 @@ class RankAllocator:
             grads.append(tuple(triple))
         return grads
 
+    def update_scores(self) -> Tensor:
+        """Update Ī and Ū from the current parameters and gradients (one fused launch); return the triplet scores."""
+        if self._sharded:
+            return sharded.sensitivity_update(
+                self.triplets, self._grads(), self._ema_ipt, self._ema_unc, self.beta1, self.beta2
+            )
+        params = [(t.P, t.lam.view(-1), t.Q) for t in self.triplets]
+        grads = [(g[0], g[1].view(-1), g[2]) for g in self._grads()]
+        return sensitivity_update(
+            self._layout, params, grads, self._ema_ipt, self._ema_unc, self.beta1, self.beta2, self.backend
+        )
+
+    def scores(self) -> Tensor:
+        """The triplet scores of the EMAs as they stand."""
+        if self._sharded:
+            return sharded.triplet_scores(self.triplets, self._ema_ipt, self._ema_unc)
+        return triplet_scores(self._layout, self._ema_ipt, self._ema_unc)
+
     def _mask(self, scores: Tensor, budget: int) -> None:
         self._keep = threshold_keep(scores, self.init_bgt - budget)
         self._mask_lams()
@@ -260,26 +277,13 @@ class RankAllocator:
             global_step < final_step and mask_now
         )
         if global_step < final_step:
-            if self._sharded:
-                scores = sharded.sensitivity_update(
-                    self.triplets, self._grads(), self._ema_ipt, self._ema_unc, self.beta1, self.beta2
-                )
-            else:
-                params = [(t.P, t.lam.view(-1), t.Q) for t in self.triplets]
-                grads = [(g[0], g[1].view(-1), g[2]) for g in self._grads()]
-                scores = sensitivity_update(
-                    self._layout, params, grads, self._ema_ipt, self._ema_unc, self.beta1, self.beta2, self.backend
-                )
+            scores = self.update_scores()
             if mask_now:
                 self._mask(scores, budget)
         elif repeated_final:  # the pattern stands (the EMAs were reset after it was taken)
             self._mask_lams()
         elif global_step == final_step:  # the last scores, without an update of the EMAs (as PEFT)
-            if self._sharded:
-                scores = sharded.triplet_scores(self.triplets, self._ema_ipt, self._ema_unc)
-            else:
-                scores = triplet_scores(self._layout, self._ema_ipt, self._ema_unc)
-            self._keep = threshold_keep(scores, self.init_bgt - budget)
+            self._keep = threshold_keep(self.scores(), self.init_bgt - budget)
             self._freeze_pattern()
             self._mask_lams()
             self.reset_ipt()

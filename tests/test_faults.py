@@ -148,6 +148,16 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}")] == []
 
 
+def test_a_failed_save_into_a_new_folder_leaves_no_folder(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(json, "dumps", fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_adalora(_model(0), tmp_path / "runs" / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_config_from_another_save_is_refused(tmp_path):
     save_adalora(_model(0), tmp_path / "a")
     save_adalora(_model(1), tmp_path / "b")

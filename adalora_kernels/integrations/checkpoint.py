@@ -48,17 +48,23 @@ def _staged(folder: Path, last: str) -> Iterator[Path]:
     """A temporary folder beside ``folder`` to write the files of a checkpoint into; on success each is moved
     into ``folder`` (``os.replace``; ``last``, the config, after the others), on any failure nothing in
     ``folder`` changes and the temporary folder is removed."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"path: {folder} exists and is not a folder")
+    created = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]  # made here, removed on failure
+    folder.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         yield stage
         folder.mkdir(exist_ok=True)
         for name in sorted(os.listdir(stage), key=lambda n: n == last):
             os.replace(stage / name, folder / name)
-    finally:
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        for path in created:  # innermost first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _digest(path: Path) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import site
 import subprocess
 import sys
 import tarfile
@@ -69,6 +70,12 @@ def suite_python() -> str:
     python = venv / "bin" / "python"
     if not (venv / ".complete").exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        # where this interpreter is itself a venv, its packages come before the base interpreter's there too
+        parents = [p for p in site.getsitepackages() if not p.startswith(sys.base_prefix)]
+        lib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in parents)
+        (Path(lib) / "adalora_parent_env.pth").write_text(lines)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *SUITE_DEPS], check=True)
         (venv / ".complete").touch()
     return str(python)

@@ -175,32 +175,67 @@ def copy_adapters(peft_run: Run, ours: Run) -> None:
             layer.Q.copy_(svd.lora_A["default"])
 
 
-def train(run: Run, task: Task, args, progress=None) -> RunResult:
-    model, forward, allocate, regulariser = run.model, run.forward, run.allocate, run.regulariser
-    train_data = sentiment_data(args.steps * args.batch_size, seed=1)
-    test_data = sentiment_data(256, seed=2)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr)
-    torch.manual_seed(args.seed)  # the model's own dropout draws the same masks in every run
-    losses, budgets, times = [], [], []
-    model.train()
+def build_frozen(task: Task, args) -> Run:
+    """The floor: the same model with no adapter, its base frozen (a trainable head stays trainable), the
+    backward still running through every layer as it must to reach adapters (``enable_input_require_grads``)."""
+    model = task.model
+    model.requires_grad_(False)
+    if task.trainable_head:
+        model.get_submodule(task.trainable_head).requires_grad_(True)
+    model.enable_input_require_grads()
+    return Run(model, lambda b: model(**b), lambda step: 0, None, dict)
+
+
+class _Loop:
+    """One run's training state, stepped one step at a time so that runs can be interleaved; each run keeps its
+    own RNG state, so its dropout masks are those of a run on its own."""
+
+    def __init__(self, run: Run, task: Task, args) -> None:
+        self.run, self.task = run, task
+        self.data = sentiment_data(args.steps * args.batch_size, seed=1)
+        self.batch_size = args.batch_size
+        self.opt = torch.optim.AdamW([p for p in run.model.parameters() if p.requires_grad], lr=args.lr)
+        torch.manual_seed(args.seed)  # the model's own dropout draws the same masks in every run
+        self.rng = torch.get_rng_state()
+        self.losses, self.budgets, self.times = [], [], []
+        run.model.train()
+
+    def step(self, step: int) -> None:
+        run = self.run
+        batch = self.task.batch(self.data[step * self.batch_size : (step + 1) * self.batch_size])
+        torch.set_rng_state(self.rng)
+        start = time.perf_counter()
+        loss = run.forward(batch).loss
+        if run.regulariser is not None:
+            loss = loss + run.regulariser()
+        loss.backward()
+        self.opt.step()
+        budget = run.allocate(step)
+        self.opt.zero_grad()
+        self.times.append((time.perf_counter() - start) * 1e3)
+        self.rng = torch.get_rng_state()
+        self.losses.append(loss.item())
+        self.budgets.append(int(budget))
+
+    def result(self) -> RunResult:
+        test_data = sentiment_data(256, seed=2)
+        return RunResult(self.losses, self.budgets, self.times, self.run.pattern() or {},
+                         _evaluate(self.run.model, self.task, test_data))  # fmt: skip
+
+
+def train(runs: dict[str, tuple[Run, Task]], args, progress=None) -> dict[str, RunResult]:
+    """Train every run on the same batches, interleaved step by step (each step starts one run later), so that
+    their step times are measured side by side under the same machine noise."""
+    loops = {name: _Loop(run, task, args) for name, (run, task) in runs.items()}
+    names = list(loops)
     task_id = progress.add_task("train", total=args.steps) if progress is not None else None
     for step in range(args.steps):
-        batch = task.batch(train_data[step * args.batch_size : (step + 1) * args.batch_size])
-        start = time.perf_counter()
-        loss = forward(batch).loss
-        if regulariser is not None:
-            loss = loss + regulariser()
-        loss.backward()
-        opt.step()
-        budget = allocate(step)
-        opt.zero_grad()
-        times.append((time.perf_counter() - start) * 1e3)
-        losses.append(loss.item())
-        budgets.append(int(budget))
+        for i in range(len(names)):
+            loops[names[(step + i) % len(names)]].step(step)
         if progress is not None:
-            progress.update(task_id, advance=1, description=f"loss {losses[-1]:.4f} budget {budget} {times[-1]:.0f} ms")
-    return RunResult(losses, budgets, times, run.pattern() or {}, _evaluate(model, task, test_data))
+            ours = loops[names[0]]
+            progress.update(task_id, advance=1, description=f"loss {ours.losses[-1]:.4f} budget {ours.budgets[-1]}")
+    return {name: loop.result() for name, loop in loops.items()}
 
 
 _LABELS = [
@@ -240,14 +275,17 @@ def run(args) -> dict:
     console = Console()
     task = make_task(args.model)
     console.print(f"model: {task.name}; {args.steps} steps, init_r {args.init_r} → target_r {args.target_r}")
-    peft_task = peft_run = None
-    if args.compare_peft:
-        peft_task = make_task(args.model)
-        peft_task.model.load_state_dict(task.model.state_dict())
-        peft_run = build_peft(peft_task, args)
+    runs = {}
+    for name, wanted, build in (("peft", args.compare_peft, build_peft),
+                                ("frozen", getattr(args, "compare_frozen", False), build_frozen)):  # fmt: skip
+        if wanted:
+            other = make_task(args.model)
+            other.model.load_state_dict(task.model.state_dict())
+            runs[name] = (build(other, args), other)
     our_run = build_ours(task, args)
-    if peft_run is not None:
-        copy_adapters(peft_run, our_run)
+    if "peft" in runs:
+        copy_adapters(runs["peft"][0], our_run)
+    runs = {"ours": (our_run, task), **runs}
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -255,7 +293,8 @@ def run(args) -> dict:
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
-        ours = train(our_run, task, args, progress)
+        results = train(runs, args, progress)
+    ours = results["ours"]
     result = {"model": task.name, "steps": args.steps, "losses": ours.losses, "budgets": ours.budgets,
               "step_ms": ours.step_ms, "rank_pattern": ours.rank_pattern, "accuracy": ours.accuracy}  # fmt: skip
     layers, modules, grid = rank_table(ours.rank_pattern)
@@ -267,17 +306,25 @@ def run(args) -> dict:
         table.add_row(layer, *("·" if v is None else str(v) for v in row))
     console.print(table)
     console.print(f"loss {ours.losses[0]:.4f} → {statistics.mean(ours.losses[-5:]):.4f} (mean of the last 5 steps)")
-    if peft_run is not None:
-        with Progress(*columns, console=console, transient=True) as progress:
-            theirs = train(peft_run, peft_task, args, progress)
-        speed = statistics.median(theirs.step_ms) / statistics.median(ours.step_ms)
+    ms_ours = statistics.median(ours.step_ms)
+    if "peft" in results:
+        theirs = results["peft"]
+        ms_theirs = statistics.median(theirs.step_ms)
+        speed = ms_theirs / ms_ours
         diff = max(abs(a - b) for a, b in zip(ours.losses, theirs.losses))
         result["peft"] = {"losses": theirs.losses, "step_ms": theirs.step_ms, "accuracy": theirs.accuracy,
                           "speedup_vs_peft": speed, "max_loss_diff": diff,
                           "same_rank_pattern": theirs.rank_pattern == ours.rank_pattern}  # fmt: skip
-        ms_theirs, ms_ours = statistics.median(theirs.step_ms), statistics.median(ours.step_ms)
         console.print(f"PEFT: median step {ms_theirs:.1f} ms vs ours {ms_ours:.1f} ms ({speed:.2f}×); "
                       f"largest loss difference {diff:.2e}")  # fmt: skip
+    if "frozen" in results:
+        ms_frozen = statistics.median(results["frozen"].step_ms)
+        result["frozen"] = {"step_ms": results["frozen"].step_ms, "slowdown_vs_frozen": ms_ours / ms_frozen}
+        line = f"frozen model (no adapter): median step {ms_frozen:.1f} ms; ours {ms_ours / ms_frozen:.3f}×"
+        if "peft" in results:
+            result["peft"]["slowdown_vs_frozen"] = ms_theirs / ms_frozen
+            line += f", PEFT {ms_theirs / ms_frozen:.3f}×"
+        console.print(line + " of it (medians of one interleaved run)")
     if args.plot:
         _heatmap(layers, modules, grid, args.plot, f"kept ranks of {args.init_r} — {task.name}")
     return result

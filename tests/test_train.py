@@ -1,6 +1,7 @@
 """``adalora-kernels train``: learns, reports, and matches PEFT trained side by side (tiny LLaMA, no download)."""
 
 import json
+import statistics
 
 import pytest
 
@@ -14,14 +15,19 @@ from adalora_kernels.train import rank_table
 def test_train_tiny_llama_matches_peft(tmp_path):
     out = tmp_path / "train.json"
     argv = ["train", "--model", "tiny-llama", "--steps", "30", "--init-r", "4", "--target-r", "2", "--lr", "1e-2",
-            "--compare-peft", "--json", str(out), "--plot", str(tmp_path / "ranks.png")]  # fmt: skip
+            "--compare-peft", "--compare-frozen", "--json", str(out),
+            "--plot", str(tmp_path / "ranks.png")]  # fmt: skip
     assert main(argv) == 0
     data = json.loads(out.read_text())
     assert len(data["losses"]) == len(data["budgets"]) == 30
     assert data["budgets"][0] == 4 * 14 and data["budgets"][-1] == 2 * 14  # 2 layers × 7 projections
     assert sum(map(sum, data["rank_pattern"].values())) <= 2 * 14
     assert sum(data["losses"][-5:]) < sum(data["losses"][:5])  # it learns
-    assert data["peft"]["max_loss_diff"] < 1e-4 and data["peft"]["same_rank_pattern"]
+    assert data["peft"]["max_loss_diff"] < 1e-4 and data["peft"]["same_rank_pattern"]  # interleaved runs too
+    frozen = data["frozen"]  # the floor, measured in the same interleaved run
+    assert len(frozen["step_ms"]) == 30 and frozen["slowdown_vs_frozen"] > 0
+    ratio = statistics.median(data["peft"]["step_ms"]) / statistics.median(frozen["step_ms"])
+    assert data["peft"]["slowdown_vs_frozen"] == pytest.approx(ratio)
     assert (tmp_path / "ranks.png").stat().st_size > 1000
 
 

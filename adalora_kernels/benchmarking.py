@@ -325,6 +325,26 @@ def timing_rows(case: Case, mode: str, rounds: int) -> list[dict]:
     return rows
 
 
+OVERHEAD_SHAPE = (8, 16, 16, 4)  # tokens, in, out, r: compute is negligible, what is left is per-call cost
+
+
+def host_overhead_rows(dtype: torch.dtype, device: torch.device, variants: list[str] | None, rounds: int = 200):
+    """Per-call cost of one fwd+bwd at a tiny shape (Python dispatch, autograd, small ops, launches), per variant,
+    interleaved: ``us`` and ``overhead_us`` above the frozen ``nn.Linear`` at the same shape."""
+    tokens, in_f, out_f, r = OVERHEAD_SHAPE
+    wanted = [v for v in (variants or all_variants()) if v != "peft_compiled"]  # its compile is not per call
+    rows = []
+    for p in (0.0, 0.1):
+        case = make_case(tokens, in_f, out_f, r, dtype, p, device, wanted)
+        ms = time_cpu_interleaved(case, "fwd_bwd", rounds, warmup=20)
+        for name, value in ms.items():
+            row = case.row("host_overhead", name, ms=value, us=value * 1e3)
+            if "linear" in ms:
+                row["overhead_us"] = (value - ms["linear"]) * 1e3
+            rows.append(row)
+    return rows
+
+
 def auto_choice_row(case: Case) -> dict | None:
     """On CUDA, which backend ``auto`` picks for this case (timed once, cached as in training) and what each
     candidate measured; ``None`` where auto has nothing to choose (one runnable backend, or the CPU)."""

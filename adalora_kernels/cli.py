@@ -175,7 +175,7 @@ def run_bench(args) -> dict:
     cases = [(s, r, p) for s in args.shapes for r in args.rank for p in args.dropout]
     rows: list[dict] = []
     with _progress() as progress:
-        task = progress.add_task("bench", total=len(cases) * len(args.modes) + (0 if args.no_allocator else 1))
+        task = progress.add_task("bench", total=len(cases) * len(args.modes) + (1 if args.no_allocator else 2))
         for (tokens, in_f, out_f), r, p in cases:
             case = bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, args.variants)
             auto = bm.auto_choice_row(case)  # CUDA: the backend auto picks here, and what each candidate took
@@ -188,6 +188,9 @@ def run_bench(args) -> dict:
             progress.update(task, description="allocator step and orthogonal regulariser")
             rows += allocator_rows(args)
             progress.advance(task)
+        progress.update(task, description="per-call cost at a tiny shape")
+        rows += bm.host_overhead_rows(args.dtype, args.device, args.variants)
+        progress.advance(task)
     return _finish(args, rows, "bench")
 
 
@@ -276,6 +279,9 @@ def _finish(args, rows: list[dict], command: str) -> dict:
         from .plots import plot_rows
 
         plot_rows(rows, command, args.plot, title=f"{command} on {result['device']}")
+    written = [path for path in (args.json, args.csv, args.plot) if path]
+    if written:
+        print(f"wrote {', '.join(written)}")
     return result
 
 
@@ -294,19 +300,23 @@ def _print_table(rows: list[dict], command: str, device: str) -> None:
         cols = ["op", "variant", "shape", "r", "budget", "dropout", "MiB", "MiB beyond x", "PEFT ÷ ours"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("op", "variant", "shape") else "right")
+    console = Console(width=max(Console().width, 150))
+    unavailable = {row["variant"]: row["unavailable"] for row in rows if "unavailable" in row}
+    for variant, reason in unavailable.items():  # said once, above the table, not in a row per case
+        console.print(f"[dim]{variant}: not measured here: {reason}[/dim]")
     for row in rows:
+        if "unavailable" in row:
+            continue
         shape = f"{row['tokens']}×{row['in']}×{row['out']}" if row["tokens"] else f"{row.get('layers')} layers"
         head = [row["op"], row["variant"], shape, str(row["r"])]
-        if "unavailable" in row:
-            table.add_row(*head, "", f"[dim]unavailable: {row['unavailable'][:60]}[/dim]")
-        elif command == "bench":
+        if command == "bench":
             ratios = [_fmt(row, k) for k in ("slowdown_vs_linear", "speedup_vs_peft", "speedup_vs_peft_compiled")]
             table.add_row(*head, str(row["dropout"]), _fmt(row, "ms"), *ratios)
         else:
             budget = str(row.get("budget_r", ""))
             mib = [_fmt(row, "bytes", ".2f", 2**20), _fmt(row, "bytes_beyond_x", ".3f", 2**20)]
             table.add_row(*head, budget, str(row["dropout"]), *mib, _fmt(row, "peft_over_ours_beyond_x", ".1f"))
-    Console(width=max(Console().width, 150)).print(table)
+    console.print(table)
 
 
 def run_train(args) -> dict:

@@ -338,27 +338,29 @@ def host_overhead_rows(dtype: torch.dtype, device: torch.device, variants: list[
         case = make_case(tokens, in_f, out_f, r, dtype, p, device, wanted)
         ms = time_cpu_interleaved(case, "fwd_bwd", rounds, warmup=20)
         for name, value in ms.items():
-            row = case.row("host_overhead", name, ms=value, us=value * 1e3)
+            row = case.row("fwd_bwd", name, ms=value, us=value * 1e3, host_overhead=True)
             if "linear" in ms:
                 row["overhead_us"] = (value - ms["linear"]) * 1e3
+                row["slowdown_vs_linear"] = value / ms["linear"]
+            if "peft" in ms and name != "linear":
+                row["speedup_vs_peft"] = ms["peft"] / value
             rows.append(row)
     return rows
 
 
-def auto_choice_row(case: Case) -> dict | None:
+def auto_choice(case: Case) -> dict:
     """On CUDA, which backend ``auto`` picks for this case (timed once, cached as in training) and what each
-    candidate measured; ``None`` where auto has nothing to choose (one runnable backend, or the CPU)."""
+    candidate measured, as extra keys for the case's rows; empty where auto has nothing to choose."""
     from .ops.adalora_linear import auto_key, time_backend_ms
     from .ops.backend import auto_choices, measured_choice, runnable
 
     candidates = runnable(case.device)
     if case.device.type != "cuda" or len(candidates) < 2:
-        return None
+        return {}
     weight = torch.empty(case.out_f, case.in_f, dtype=case.dtype, device="meta")
     key = auto_key(case.x, weight, weight[:, 0], torch.empty(case.r, device="meta"), case.dropout)
     chosen = measured_choice(key, candidates, lambda b: time_backend_ms(b, key, case.device))
-    timings = auto_choices()[key][1]
-    return case.row("auto_choice", chosen, ms=timings.get(chosen), candidates_ms=timings)
+    return {"auto_choice": chosen, "auto_candidates_ms": auto_choices()[key][1]}
 
 
 # --------------------------------------------------------------------------------------------- memory

@@ -178,11 +178,13 @@ def run_bench(args) -> dict:
         task = progress.add_task("bench", total=len(cases) * len(args.modes) + (1 if args.no_allocator else 2))
         for (tokens, in_f, out_f), r, p in cases:
             case = bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, args.variants)
-            auto = bm.auto_choice_row(case)  # CUDA: the backend auto picks here, and what each candidate took
-            rows += [auto] if auto else []
+            auto = bm.auto_choice(case)  # CUDA: the backend auto picks here, and what each candidate took
+            if auto:
+                progress.console.print(f"auto picks {auto['auto_choice']} for {tokens}×{in_f}×{out_f} r={r} p={p} "
+                                       f"(ms: {auto['auto_candidates_ms']})")  # fmt: skip
             for mode in args.modes:
                 progress.update(task, description=f"{mode} {tokens}×{in_f}×{out_f} r={r} p={p}")
-                rows += bm.timing_rows(case, mode, args.rounds)
+                rows += [{**row, **auto} for row in bm.timing_rows(case, mode, args.rounds)]
                 progress.advance(task)
         if not args.no_allocator:
             progress.update(task, description="allocator step and orthogonal regulariser")

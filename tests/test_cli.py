@@ -75,6 +75,10 @@ def test_tiny_bench_run_writes_json_csv_plot(tmp_path):
     for r in rows:
         assert r["ms"] > 0 and r["slowdown_vs_linear"] > 0
     assert {r["op"] for r in data["rows"]} == {"fwd", "bwd", "fwd_bwd"}
+    overhead = [r for r in rows if r.get("host_overhead")]  # the per-call cost at a tiny shape
+    assert {(r["tokens"], r["in"], r["out"]) for r in overhead} == {(8, 16, 16)}
+    assert {r["variant"] for r in overhead} >= {"linear", "peft", "torch"} and "peft_compiled" not in str(overhead)
+    assert all(r["us"] > 0 and "overhead_us" in r for r in overhead)
     assert (tmp_path / "b.png").stat().st_size > 1000 and (tmp_path / "b.csv").read_text().startswith("dropout")
     assert all("unavailable" in r for r in data["rows"] if r["variant"] == "triton" and "ms" not in r)
 

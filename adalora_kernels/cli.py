@@ -326,7 +326,7 @@ def run_train(args) -> dict:
 
     if args.quick:
         args.steps = 60
-    result = run(args)
+    result = {**bm.environment(torch.device("cpu")), **run(args)}  # train runs on the CPU
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

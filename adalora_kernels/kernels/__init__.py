@@ -22,6 +22,7 @@ log = logging.getLogger("adalora_kernels")
 
 _MODULES: dict[str, str] = {}
 _LOADED: dict[str, ModuleType | str] = {}
+_READY: dict[tuple[str, str], ModuleType] = {}  # (name, device type) found runnable: no re-check per call
 
 
 class BackendUnavailableError(RuntimeError):
@@ -32,6 +33,8 @@ def register_backend(name: str, module: str) -> None:
     """Register a backend module by import path (imported on first use)."""
     _MODULES[name] = module
     _LOADED.pop(name, None)
+    for key in [k for k in _READY if k[0] == name]:
+        del _READY[key]
 
 
 def backend_names() -> list[str]:
@@ -60,9 +63,13 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
 def get_backend(name: str, device: torch.device) -> ModuleType:
     """The backend module, or ``BackendUnavailableError`` saying why it cannot run on ``device``."""
+    ready = _READY.get((name, device.type))
+    if ready is not None:  # on the hot path of every call: a backend that ran once stays runnable
+        return ready
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} is unavailable on {device}: {reason}")
+    _READY[(name, device.type)] = _LOADED[name]  # type: ignore[assignment]
     return _LOADED[name]  # type: ignore[return-value]
 
 

@@ -238,3 +238,20 @@ def test_import_peft_sequence_classification_with_every_bias_mode(tmp_path, bias
     ids = batch()["input_ids"]
     pm.eval()
     torch.testing.assert_close(plain(input_ids=ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_load_adapter_then_set_adapter(tmp_path, monkeypatch):
+    plain, fast = _pair(llama, ["q_proj", "v_proj"])
+    source, _ = _pair(llama, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for n, p in source.named_parameters():
+            if "lora_" in n:
+                p.normal_()
+    source.save_pretrained(tmp_path)
+    for model in (plain, fast):
+        model.load_adapter(tmp_path, adapter_name="loaded")
+        model.set_adapter("loaded")
+    calls = _fused_calls(monkeypatch)
+    torch.testing.assert_close(_logits(fast), _logits(plain))
+    assert calls and all(calls)  # the loaded adapter runs fused, its scaling read live
+    torch.testing.assert_close(_logits(fast), _logits(source))

@@ -54,6 +54,6 @@ def test_model_entry_point_and_batching(monkeypatch):
         2 * len(model)
     )
     torch.testing.assert_close(value, expected)
-    assert sorted(calls) == [(1, 4, 3), (11, 4, 12)]  # one product per distinct shape
+    assert sorted(calls) == [(1, 4, 3), (5, 4, 12), (6, 4, 12)]  # one product per kind (P, Q) and shape
     with pytest.raises(ValueError, match="model: no AdaLoRALinear layer found"):
         ak.orthogonal_regularization(nn.Linear(2, 2))

@@ -13,21 +13,21 @@ from .linear import AdaLoRALinear
 def orthogonal_regularization_of(Ps, Qs) -> Tensor:
     """``mean over all P and Q of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F`` (Frobenius, not squared), as PEFT.
 
-    ``Ps``: (out, r) tensors; ``Qs``: (r, in) tensors. Both are (r, n) matrices M with the term ``‖MMᵀ − I‖``
-    (M = Pᵀ or Q); equal shapes are stacked and handled by one batched product.
+    ``Ps``: (out, r) tensors; ``Qs``: (r, in) tensors. Equal shapes are stacked as they are (no transposed
+    copies, so their gradients flow back in the parameters' own layout) and handled by one batched product.
     """
     groups: dict[tuple, list[Tensor]] = defaultdict(list)
     for P in Ps:
-        groups[(tuple(P.T.shape), P.dtype, P.device)].append(P.T)
+        groups[("P", tuple(P.shape), P.dtype, P.device)].append(P)
     for Q in Qs:
-        groups[(tuple(Q.shape), Q.dtype, Q.device)].append(Q)
+        groups[("Q", tuple(Q.shape), Q.dtype, Q.device)].append(Q)
     count = sum(len(g) for g in groups.values())
     if count == 0:
         raise ValueError("orthogonal_regularization: no adapter matrices given")
     total = None
-    for mats in groups.values():
+    for (kind, *_), mats in groups.items():
         stack = torch.stack(mats)
-        cov = torch.bmm(stack, stack.transpose(1, 2))
+        cov = torch.bmm(stack.transpose(1, 2), stack) if kind == "P" else torch.bmm(stack, stack.transpose(1, 2))
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         part = torch.linalg.matrix_norm(cov - eye, ord="fro").sum()
         total = part if total is None else total + part.to(total.device)

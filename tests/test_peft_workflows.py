@@ -255,3 +255,13 @@ def test_load_adapter_then_set_adapter(tmp_path, monkeypatch):
     torch.testing.assert_close(_logits(fast), _logits(plain))
     assert calls and all(calls)  # the loaded adapter runs fused, its scaling read live
     torch.testing.assert_close(_logits(fast), _logits(source))
+
+
+def test_pre_hooks_on_the_base_layer_are_honoured():
+    """An offload-style pre-hook (accelerate's device_map hooks are pre-hooks) that changes the input: PEFT's
+    forward runs for that layer, so the base layer sees what the hook gives it."""
+    plain, fast = _pair(llama, ["q_proj", "v_proj"])
+    for model in (plain, fast):
+        base = model.base_model.model.model.layers[0].self_attn.v_proj.get_base_layer()
+        base.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+    torch.testing.assert_close(_logits(fast), _logits(plain))

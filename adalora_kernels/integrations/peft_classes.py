@@ -155,13 +155,13 @@ class FusedRankAllocator(RankAllocator):
         self._pattern_obj = pattern
         return pattern
 
-    def _views(self, flat: Tensor) -> dict[str, Tensor]:
+    def _views(self, which: str) -> dict[str, Tensor]:
+        """The device EMA ``which`` (``_ema_ipt`` or ``_ema_unc``) as views keyed by PEFT's parameter names."""
         core = self._live()
         if core._layout is None:
             raise NotImplementedError("exp_avg_ipt / exp_avg_unc of sharded (FSDP2) adapters: see RankAllocator")
-        out = {}
-        for (name, _), (P, lam, Q) in zip(self._layers, core._layout.views(flat)):
-            a = self.adapter_name
+        a, out = self.adapter_name, {}
+        for (name, _), (P, lam, Q) in zip(self._layers, core._layout.views(getattr(core, which))):
             out.update({f"{name}.lora_B.{a}": P, f"{name}.lora_E.{a}": lam.view(-1, 1), f"{name}.lora_A.{a}": Q})
         return out
 
@@ -169,11 +169,11 @@ class FusedRankAllocator(RankAllocator):
 
     @property
     def exp_avg_ipt(self) -> dict[str, Tensor]:
-        return self._views(self._live()._ema_ipt)
+        return self._views("_ema_ipt")
 
     @property
     def exp_avg_unc(self) -> dict[str, Tensor]:
-        return self._views(self._live()._ema_unc)
+        return self._views("_ema_unc")
 
     @property
     def ipt(self) -> dict[str, Tensor]:

@@ -1,30 +1,48 @@
 #!/usr/bin/env bash
 # The one prepared command for a lent GPU (DESIGN §6): GPU tests, then the quick benchmark of the Triton
-# issue's shapes, then memory; JSON under $OUT, a short table printed last. Installs nothing: runs from the
-# source tree. Each stage has its own time limit so a slow one cannot take the others' results with it.
+# issue's shapes, the per-call cost, the allocator and memory; JSON under $OUT, a short table printed last.
+# Installs nothing: runs from the source tree. Each stage has its own time limit (together under 10 minutes, about 6 expected)
+# so a slow one cannot take the others' results with it. At most 8 files land in $OUT (the device tool
+# returns no more): log.txt (every stage's output), one JSON per benchmark stage and the merged results file.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # on the GPU machine
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh              # the same stages on the CPU, tiny shapes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/latest}"
 mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+: > "$LOG"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 CLI="$PY -m adalora_kernels"
+EXT_BUILD="${TMPDIR:-/tmp}/adalora_kernels_ext"
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
   DEV="--device cpu --dtype float32"; MAIN="--shape 256,128,128"; OTHERS="--shape 256,128,64 --shape 256,64,128"
-  RANKS="4 8"; TESTS="tests/test_triton_kernels.py"; T_TESTS=120; T_MAIN=120; T_OTHERS=120
-  ALLOC="--quick"
+  TESTS="tests/test_triton_kernels.py"; ALLOC="--quick"
 else
   DEV="--device cuda --dtype bfloat16"; MAIN="--shape 8192,4096,4096"
   OTHERS="--shape 8192,4096,1024 --shape 8192,4096,14336 --shape 8192,14336,4096"
-  RANKS="16 64"; TESTS="tests"; T_TESTS=150; T_MAIN=110; T_OTHERS=100; ALLOC=""
+  TESTS="tests"; ALLOC=""
 fi
+# pytest-xdist spreads the tests' compiles over the cores where it is installed
+PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
 
-$PY - <<'PY' | tee "$OUT/env.txt"
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+stage() { echo "== $*" | tee -a "$LOG"; }
+# run LIMIT CMD...: the command's whole output into the log, its last lines on the screen, its exit status noted
+run() {
+  local limit=$1; shift
+  timeout "$limit" "$@" > "$OUT/.stage" 2>&1
+  local rc=$?
+  cat "$OUT/.stage" >> "$LOG"; tail -4 "$OUT/.stage"; rm -f "$OUT/.stage"
+  echo "exit $rc" | tee -a "$LOG"
+}
+
+$PY - <<'PY' 2>&1 | tee -a "$LOG"
+import os, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpus", os.cpu_count())
 for name in ("triton", "peft", "transformers"):
     try:
         print(name, __import__(name).__version__)
@@ -32,35 +50,41 @@ for name in ("triton", "peft", "transformers"):
         print(name, "missing:", exc)
 PY
 
-echo "== 0. native extension (csrc, CUDA part for this GPU) building in the background"
+stage "0. native extension (csrc, CUDA part for this GPU) building in the background into $EXT_BUILD"
 ARCH=$($PY -c "import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0); print(f'{c[0]}.{c[1]}')")
-( TORCH_CUDA_ARCH_LIST="$ARCH" ADALORA_KERNELS_BUILD_EXT=1 MAX_JOBS=8 timeout 200 $PY setup.py build_ext --inplace \
-    > "$OUT/build.log" 2>&1; echo "exit $?" >> "$OUT/build.log" ) &
+rm -f adalora_kernels/_C*.so  # a stale build must not stand in for this one; the tests below run without it
+( TORCH_CUDA_ARCH_LIST="$ARCH" ADALORA_KERNELS_BUILD_EXT=1 MAX_JOBS=8 timeout 240 $PY setup.py build_ext \
+    --build-lib "$EXT_BUILD" --build-temp "$EXT_BUILD/tmp" > "$OUT/.build" 2>&1; echo "build exit $?" >> "$OUT/.build" ) &
 BUILD_PID=$!
 
-echo "== 1. tests (GPU tier included) without csrc while it builds"
-ADALORA_KERNELS_AUTOTUNE=0 timeout "$T_TESTS" $PY -m pytest -q -x -p no:cacheprovider $TESTS -k "not autotuned and not csrc" \
-  2>&1 | tail -25 | tee "$OUT/tests.log"
-[ "${DRY_RUN:-0}" = 1 ] || timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k autotuned 2>&1 \
-  | tail -5 | tee -a "$OUT/tests.log"
-wait "$BUILD_PID"; tail -2 "$OUT/build.log"
-echo "== 1b. csrc tests (CUDA extension)"
-timeout 60 $PY -m pytest -q -x -p no:cacheprovider tests -k "csrc" 2>&1 | tail -8 | tee -a "$OUT/tests.log"
+stage "1. tests (GPU tier included, autotuning off) without csrc while it builds"
+ADALORA_KERNELS_AUTOTUNE=0 run 120 $PY -m pytest -q -p no:cacheprovider $PARALLEL $TIMEOUT -rfE $TESTS \
+  -k "not autotuned and not csrc"
+[ "${DRY_RUN:-0}" = 1 ] || run 40 $PY -m pytest -q -p no:cacheprovider -rfE tests/test_triton_kernels.py -k autotuned
 
-echo "== 2. main shape: fwd, bwd, fwd+bwd, every variant"
-timeout "$T_MAIN" $CLI bench $DEV $MAIN --rank $RANKS --dropout 0 0.1 --no-allocator --json "$OUT/bench_main.json" \
-  > "$OUT/bench_main.log" 2>&1; echo "exit $?" >> "$OUT/bench_main.log"; tail -3 "$OUT/bench_main.log"
+stage "1b. csrc build and tests (CUDA extension)"
+wait "$BUILD_PID"; grep -E "error|warning: |build exit" "$OUT/.build" | tail -20 | tee -a "$LOG"; rm -f "$OUT/.build"
+cp "$EXT_BUILD"/adalora_kernels/_C*.so adalora_kernels/ 2>/dev/null && echo "extension copied" | tee -a "$LOG"
+run 45 $PY -m pytest -q -p no:cacheprovider $TIMEOUT -rfE tests -k "csrc"
 
-echo "== 3. other shapes: fwd+bwd"
-timeout "$T_OTHERS" $CLI bench $DEV $OTHERS --rank $RANKS --dropout 0 0.1 --modes fwd_bwd --no-allocator \
-  --json "$OUT/bench_others.json" > "$OUT/bench_others.log" 2>&1; echo "exit $?" >> "$OUT/bench_others.log"
-tail -3 "$OUT/bench_others.log"
+stage "2. main shape, r = 16: fwd, bwd, fwd+bwd, every variant; the per-call cost at a tiny shape"
+# one dropout rate a run: PEFT's compile takes most of each, and a run out of time writes no JSON
+for p in 0 0.1; do
+  run 90 $CLI bench $DEV $MAIN --rank 16 --dropout $p --no-allocator --json "$OUT/bench_main_p$p.json"
+done
 
-echo "== 4. allocator step, orthogonal regulariser, memory"
-timeout 90 $CLI bench $DEV $MAIN --rank 16 --dropout 0 --modes fwd --variants linear $ALLOC --json "$OUT/bench_alloc.json" \
-  > "$OUT/bench_alloc.log" 2>&1; echo "exit $?" >> "$OUT/bench_alloc.log"
-timeout 60 $CLI memory $DEV $MAIN --rank $RANKS --dropout 0 0.1 --no-block --json "$OUT/memory.json" \
-  > "$OUT/memory.log" 2>&1; echo "exit $?" >> "$OUT/memory.log"
+stage "3. main shape, r = 64: fwd+bwd"
+run 45 $CLI bench $DEV $MAIN --rank 64 --dropout 0 0.1 --modes fwd_bwd --no-allocator \
+  --variants linear peft torch triton csrc --json "$OUT/bench_r64.json"
 
-echo "== 5. results"
-$PY benchmarks/merge_results.py "$OUT" bench_main.json bench_others.json bench_alloc.json memory.json
+stage "4. other shapes, r = 16: fwd+bwd"
+run 50 $CLI bench $DEV $OTHERS --rank 16 --dropout 0 0.1 --modes fwd_bwd --no-allocator \
+  --variants linear peft torch triton csrc --json "$OUT/bench_others.json"
+
+stage "5. allocator step, orthogonal regulariser, memory"
+run 50 $CLI bench $DEV $MAIN --rank 16 --dropout 0 --modes fwd --variants linear $ALLOC --json "$OUT/bench_alloc.json"
+run 30 $CLI memory $DEV $MAIN --rank 16 64 --dropout 0 0.1 --no-block --json "$OUT/memory.json"
+
+stage "6. results"
+$PY benchmarks/merge_results.py "$OUT" bench_main_p0.json bench_main_p0.1.json bench_r64.json bench_others.json bench_alloc.json memory.json \
+  2>&1 | tee -a "$LOG"

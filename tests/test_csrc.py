@@ -95,7 +95,9 @@ def test_mask_is_the_documented_hash(seed):
 
 def _run_with_isa(isa: str, script: str) -> subprocess.CompletedProcess:
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "ADALORA_KERNELS_CPU_ISA": isa, "PYTHONPATH": tests}
+    # the tests' folder for the helpers, the source tree for the package where it is not installed
+    path = os.pathsep.join([tests, os.path.dirname(tests), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "ADALORA_KERNELS_CPU_ISA": isa, "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-c", script], env=env, cwd=tests, capture_output=True, text=True)
 
 

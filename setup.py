@@ -27,7 +27,7 @@ LINK_FLAGS = ["-fopenmp"]
 
 
 def cpu_sources() -> list[str]:
-    return ["csrc/adalora_kernels.cpp", *sorted(glob("csrc/cpu/*.cpp", root_dir=ROOT))]
+    return ["csrc/adalora_kernels.cpp", "csrc/autograd.cpp", *sorted(glob("csrc/cpu/*.cpp", root_dir=ROOT))]
 
 
 def cuda_sources() -> list[str]:

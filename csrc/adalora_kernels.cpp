@@ -17,6 +17,10 @@ TORCH_LIBRARY(adalora_kernels, m) {
   // (dx, dP, dlam_raw, dQ); a gradient that was not asked for comes back empty
   m.def("csrc_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor P, Tensor lam_eff, Tensor Q, Tensor t, "
         "float dropout_p, int seed, bool need_dx, bool need_adapter) -> (Tensor, Tensor, Tensor, Tensor)");
+  // the eager layer call in one op: lam_eff = scaling * lam * rank_mask, the two ops above, and their autograd
+  // (csrc/autograd.cpp); seed < 0 draws one from torch's default generator
+  m.def("csrc_adalora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor P, Tensor lam, Tensor Q, "
+        "Tensor? rank_mask, float scaling, float dropout_p, int seed) -> Tensor");
   // the keep-mask the two ops above apply, for tests
   m.def("csrc_dropout_keep_mask(Tensor like, int rows, int cols, float dropout_p, int seed) -> Tensor");
   // PEFT's sensitivity EMAs of every (P, lam, Q), updated in place; returns the triplet scores

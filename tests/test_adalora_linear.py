@@ -97,7 +97,7 @@ def test_non_contiguous_parameters(backend, p):
     assert not any(v.is_contiguous() for v in views)
     leaves = [v.requires_grad_() for v in (x, P, lam, Q)]
     view_leaves = [v.requires_grad_() for v in views[1:]]
-    g = torch.randn(70, 24, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(70, 24, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     y = run(backend, x, w, b, P, lam, Q, m, p, seed=3)
     yv = run(backend, x, views[0], b, *view_leaves[:1], lam, view_leaves[1], m, p, seed=3)
     torch.testing.assert_close(yv, y)
@@ -197,3 +197,31 @@ def test_trainable_bias_and_weight_get_gradients():
     g = torch.randn_like(y)
     for a, e in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_each_gradient_asked_for_alone_matches_the_reference(backend, bias):
+    """Trainable base weight and bias beside the adapter, each gradient asked for on its own (the native op
+    finds its inputs' slots with and without a bias), against the reference's autograd."""
+    x, w, b, P, lam, Q, m = make_inputs((3, 4), 10, 6, 3, torch.float64, bias=bias, mask=True)
+    leaves = [v.requires_grad_() for v in (x, w, b, P, lam, Q) if v is not None]
+    g = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    y = run(backend, x, w, b, P, lam, Q, m, 0.2, seed=5)
+    keep = keep_mask(backend, (12, 10), 0.2, 5)
+    ref = adalora_linear_ref(x, w, b, P, lam, Q, S, m, keep, 0.2)
+    torch.testing.assert_close(y, ref)
+    for leaf in leaves:
+        (got,) = torch.autograd.grad(y, leaf, g, retain_graph=True)
+        (want,) = torch.autograd.grad(ref, leaf, g, retain_graph=True)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_mode_and_no_grad_give_the_training_forward(backend):
+    x, w, b, P, lam, Q, m = make_inputs((5,), 12, 7, 4, torch.float64, mask=True)
+    y = run(backend, x, w, b, P, lam, Q, m, 0.3, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(run(backend, x, w, b, P, lam, Q, m, 0.3, seed=4), y)
+    with torch.inference_mode():
+        torch.testing.assert_close(run(backend, x, w, b, P, lam, Q, m, 0.3, seed=4), y)

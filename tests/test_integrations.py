@@ -146,9 +146,14 @@ def _first_svd(model):
 def test_accelerated_peft_keeps_save_pretrained_and_uses_our_op(tmp_path, monkeypatch):
     _, fast = _peft_pair(llama, ["q_proj", "v_proj"], init_r=4, target_r=2, total_step=10)
     calls = []
+    # the kernels' entry points: _forward_impl (custom op and eager autograd.Function), or csrc's one native op
     op_module = sys.modules["adalora_kernels.ops.adalora_linear"]
-    real = op_module._forward_impl  # both the eager path and the custom op run it
+    real = op_module._forward_impl
     monkeypatch.setattr(op_module, "_forward_impl", lambda *a: calls.append(1) or real(*a))
+    csrc = sys.modules.get("adalora_kernels.kernels.csrc")
+    if csrc is not None:
+        real_call = csrc.layer_call
+        monkeypatch.setattr(csrc, "layer_call", lambda *a: calls.append(1) or real_call(*a))
     ids = batch()["input_ids"]  # no labels: PEFT's own forward fails on labels for a model loaded for inference
     logits = fast(input_ids=ids).logits
     assert len(calls) == 4  # 2 layers × q, v

@@ -16,6 +16,7 @@ from .torch_composite import mask_lams, triplet_scores
 
 __all__ = [
     "dropout_keep_mask",
+    "layer_call",
     "linear_backward",
     "linear_forward",
     "mask_lams",
@@ -39,6 +40,12 @@ def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, devic
 
 def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
     return _ops.csrc_linear_fwd(x2, weight, bias, P, lam_eff, Q, dropout_p, seed)
+
+
+def layer_call(x, weight, bias, P, lam, Q, rank_mask, scaling: float, dropout_p: float, seed: int) -> Tensor:
+    """A whole eager layer call, autograd included, in one op (``csrc/autograd.cpp``): ``lam_eff`` from
+    ``lam``, ``rank_mask`` and ``scaling``, x of any leading shape; ``seed < 0`` draws from torch's generator."""
+    return _ops.csrc_adalora_linear(x, weight, bias, P, lam, Q, rank_mask, scaling, dropout_p, seed)
 
 
 def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter):

@@ -146,7 +146,28 @@ def _check_tensor_args(**tensors) -> None:
             raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
 
 
+def _inputs_are_valid(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling) -> bool:
+    """The common case of ``_check_inputs`` in a few comparisons (it runs on every layer call); ``False``
+    sends the call through the checks that name what is wrong."""
+    if weight.dim() != 2 or lam.dim() != 1 or x.dim() < 1 or type(scaling) is not float:
+        return False
+    out_f, in_f = weight.shape
+    r = lam.shape[0]
+    dtype, device = x.dtype, x.device
+    return (
+        x.shape[-1] == in_f and P.shape == (out_f, r) and Q.shape == (r, in_f) and x.is_floating_point()
+        and weight.dtype == dtype and P.dtype == dtype and lam.dtype == dtype and Q.dtype == dtype
+        and weight.device == device and P.device == device and lam.device == device and Q.device == device
+        and (bias is None or (bias.shape == (out_f,) and bias.dtype == dtype and bias.device == device))
+        and (rank_mask is None
+             or (rank_mask.shape == (r,) and rank_mask.dtype == torch.bool and rank_mask.device == device))
+        and isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0 and abs(scaling) < math.inf
+    )  # fmt: skip
+
+
 def _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling) -> None:
+    if _inputs_are_valid(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling):
+        return
     tensors = {"x": x, "weight": weight, "bias": bias, "P": P, "lam": lam, "Q": Q, "rank_mask": rank_mask}
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}")
@@ -275,14 +296,19 @@ def adalora_linear(
         bias = bias.to(dtype) if bias is not None else None
     _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling)
     p = float(dropout_p) if training else 0.0
-    seed_t = _seed_tensor(seed) if (p > 0.0 or seed is not None) else torch.zeros((), dtype=torch.int64)
+    eager = x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
     name = resolve_backend(backend, x.device)
-    if x.device.type == "cuda" and requested(backend) == "auto" and not torch.compiler.is_compiling():
+    if eager and x.device.type == "cuda" and requested(backend) == "auto":
         candidates = runnable(x.device)
         if len(candidates) > 1:
             key = auto_key(x, weight, bias, lam, p)
             name = measured_choice(key, candidates, lambda b: time_backend_ms(b, key, x.device))
+    kernels = get_backend(name, x.device) if eager else None
+    if eager and hasattr(kernels, "layer_call"):  # the whole call and its autograd in one native op
+        seed_i = int(_seed_tensor(seed)) if seed is not None else (-1 if p > 0.0 else 0)
+        return kernels.layer_call(x, weight, bias, P, lam, Q, rank_mask, float(scaling), p, seed_i)
+    seed_t = _seed_tensor(seed) if (p > 0.0 or seed is not None) else torch.zeros((), dtype=torch.int64)
     lam_eff = effective_lam(lam, rank_mask, float(scaling))
-    if x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+    if eager:
         return _EagerLinear.apply(x, weight, bias, P, lam_eff, Q, p, seed_t, name)
     return linear_fwd(x, weight, bias, P, lam_eff, Q, p, seed_t, name)[0]

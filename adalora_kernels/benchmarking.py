@@ -306,15 +306,63 @@ def time_gpu(case: Case, mode: str, rep_ms: int = 100) -> dict[str, float]:
     return out
 
 
-def timing_rows(case: Case, mode: str, rounds: int) -> list[dict]:
-    """DESIGN §5 rows (ms, slowdown_vs_linear, speedup_vs_peft) for every variant of ``case``."""
+def graph_replay_ms(timed: Callable[[], None], reps: int = 20) -> float:
+    """Median CUDA-event milliseconds of one replay of ``timed`` captured as a CUDA graph: its GPU time with
+    the host's share (Python, dispatch, launches) taken out. Warmed up on a side stream, as capture needs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            timed()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        timed()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graph_rows_values(case: Case) -> dict[str, dict]:
+    """Per variant, fwd+bwd as a CUDA-graph replay (``graph_ms``) or why it could not be captured
+    (``graph_error``): with ``ms`` from eager timing, how much of a step the host costs."""
+    out: dict[str, dict] = {}
+    for name, module in case.variants.items():
+        if not isinstance(module, nn.Module):
+            continue
+        timed, _ = step_fn(module, case, "fwd_bwd")
+        try:
+            out[name] = {"graph_ms": graph_replay_ms(timed)}
+        except Exception as exc:  # a variant that cannot be captured (a host sync, a compile) keeps its eager row
+            out[name] = {"graph_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            torch.cuda.synchronize()
+        _clear_grads(module, case.x)
+    base = out.get("linear", {}).get("graph_ms")
+    for values in out.values():
+        if base and "graph_ms" in values:
+            values["graph_slowdown_vs_linear"] = values["graph_ms"] / base
+    return out
+
+
+def timing_rows(case: Case, mode: str, rounds: int, graphs: bool = False) -> list[dict]:
+    """DESIGN §5 rows (ms, slowdown_vs_linear, speedup_vs_peft) for every variant of ``case``; with ``graphs``
+    (CUDA, fwd_bwd), also the CUDA-graph replay time of each."""
     ms = time_gpu(case, mode) if case.device.type == "cuda" else time_cpu_interleaved(case, mode, rounds)
+    graph = graph_rows_values(case) if graphs and case.device.type == "cuda" and mode == "fwd_bwd" else {}
     rows = []
     for name, module in case.variants.items():
         if name not in ms:
             rows.append(case.row(mode, name, unavailable=str(module)))
             continue
-        row = case.row(mode, name, ms=ms[name])
+        row = case.row(mode, name, ms=ms[name], **graph.get(name, {}))
         if "linear" in ms:
             row["slowdown_vs_linear"] = ms[name] / ms["linear"]
         if "peft" in ms and name != "linear":

@@ -117,6 +117,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="fwd, bwd, fwd_bwd (default: all)")  # fmt: skip
     b.add_argument("--rounds", type=_POSITIVE, default=20, help="interleaved CPU rounds (default: 20)")
     b.add_argument("--no-allocator", action="store_true", help="skip the allocator_step and orth_reg rows")
+    b.add_argument(
+        "--graphs", action="store_true", help="CUDA: also time fwd+bwd as a CUDA-graph replay (no host overhead)"
+    )
     m = sub.add_parser("memory", help="bytes saved for backward (and CUDA peak) across rank budgets")
     _common(m)
     m.add_argument("--rank", type=_POSITIVE, nargs="+", default=[4, 8, 16, 32, 64], help="init_r values")
@@ -184,7 +187,7 @@ def run_bench(args) -> dict:
                                        f"(ms: {auto['auto_candidates_ms']})")  # fmt: skip
             for mode in args.modes:
                 progress.update(task, description=f"{mode} {tokens}×{in_f}×{out_f} r={r} p={p}")
-                rows += [{**row, **auto} for row in bm.timing_rows(case, mode, args.rounds)]
+                rows += [{**row, **auto} for row in bm.timing_rows(case, mode, args.rounds, args.graphs)]
                 progress.advance(task)
         if not args.no_allocator:
             progress.update(task, description="allocator step and orthogonal regulariser")
@@ -298,6 +301,8 @@ def _print_table(rows: list[dict], command: str, device: str) -> None:
     table = Table(title=f"adalora-kernels {command} on {device}")
     if command == "bench":
         cols = ["op", "variant", "shape", "r", "dropout", "ms", "÷ linear", "PEFT ÷", "PEFT-compiled ÷"]
+        graphs = any("graph_ms" in row or "graph_error" in row for row in rows)
+        cols += ["graph ms", "graph ÷ linear"] if graphs else []
     else:
         cols = ["op", "variant", "shape", "r", "budget", "dropout", "MiB", "MiB beyond x", "PEFT ÷ ours"]
     for c in cols:
@@ -313,6 +318,9 @@ def _print_table(rows: list[dict], command: str, device: str) -> None:
         head = [row["op"], row["variant"], shape, str(row["r"])]
         if command == "bench":
             ratios = [_fmt(row, k) for k in ("slowdown_vs_linear", "speedup_vs_peft", "speedup_vs_peft_compiled")]
+            if graphs:  # CUDA-graph replay: the GPU's share of the step
+                ratios += [_fmt(row, "graph_ms") or ("failed" if "graph_error" in row else ""),
+                           _fmt(row, "graph_slowdown_vs_linear")]  # fmt: skip
             table.add_row(*head, str(row["dropout"]), _fmt(row, "ms"), *ratios)
         else:
             budget = str(row.get("budget_r", ""))

@@ -194,7 +194,9 @@ class _Loop:
         self.run, self.task = run, task
         self.data = sentiment_data(args.steps * args.batch_size, seed=1)
         self.batch_size = args.batch_size
-        self.opt = torch.optim.AdamW([p for p in run.model.parameters() if p.requires_grad], lr=args.lr)
+        # fused: one update kernel over every parameter (about 3× less host time on the CPU); every run alike
+        trained = [p for p in run.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(trained, lr=args.lr, fused=True)
         torch.manual_seed(args.seed)  # the model's own dropout draws the same masks in every run
         self.rng = torch.get_rng_state()
         self.losses, self.budgets, self.times = [], [], []

@@ -260,3 +260,15 @@ def test_no_host_sync_on_gpu(backend):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert alloc.rank_pattern is not None
+
+
+def test_layout_views_are_made_once_per_buffer_and_follow_it():
+    from adalora_kernels.kernels.layout import FlatLayout
+
+    layout = FlatLayout([(3, 2, 4), (5, 1, 2)], torch.float32, torch.device("cpu"))
+    a, b = layout.zeros(), layout.zeros()
+    views_a, views_b = layout.views(a), layout.views(b)
+    assert layout.views(a) is views_a and layout.views(b) is views_b
+    views_b[1][2].fill_(7.0)  # Q (1 × 2) of layer 1, in b only
+    assert a.abs().sum() == 0 and b.sum() == 14.0
+    assert layout.views(torch.ones_like(a))[0][0].sum() == 6  # a new buffer gets views of its own

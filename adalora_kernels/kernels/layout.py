@@ -18,6 +18,7 @@ class FlatLayout:
     def __init__(self, shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device) -> None:
         """``shapes``: ``(out, r, in)`` of each layer, in layer order."""
         self.shapes, self.dtype, self.device = shapes, dtype, device
+        self._views: dict[tuple, list[tuple[Tensor, Tensor, Tensor]]] = {}  # see views()
         self.ranks = [r for _, r, _ in shapes]
         self.total_r = sum(self.ranks)
         starts = [0]
@@ -62,7 +63,19 @@ class FlatLayout:
         return torch.zeros(self.numel, dtype=self.dtype, device=self.device)
 
     def views(self, flat: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """``(P, λ, Q)``-shaped views of a flat buffer, one triple per layer."""
+        """``(P, λ, Q)``-shaped views of a flat buffer, one triple per layer. Made once per buffer (the EMAs are
+        viewed every step): the cached views hold the buffer's storage, so a tensor at the same address with the
+        same size, dtype and stride is that storage."""
+        key = (flat.data_ptr(), flat.device, flat.dtype, flat.shape, flat.stride())
+        cached = self._views.get(key)
+        if cached is not None:
+            return cached
+        if len(self._views) >= 4:  # the two EMAs and a spare or two: forget buffers no longer used
+            self._views.clear()
+        self._views[key] = out = self._make_views(flat)
+        return out
+
+    def _make_views(self, flat: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
         out = []
         for layer, (out_f, r, in_f) in enumerate(self.shapes):
             p, lam, q = self.p_offset[layer], self.lam_offset[layer], self.q_offset[layer]

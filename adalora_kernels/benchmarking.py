@@ -396,6 +396,37 @@ def host_overhead_rows(dtype: torch.dtype, device: torch.device, variants: list[
     return rows
 
 
+def triton_launch_host_row(dtype: torch.dtype, rounds: int = 500) -> dict | None:
+    """Host time of the Triton backend's fwd+bwd at the per-call shape with every kernel launch stubbed
+    (``aot.launches_stubbed``: autotuner, JIT dispatch and the launchers' own work, no GPU), as a
+    ``host_overhead`` row; ``None`` where Triton's NVIDIA backend is not importable or runs interpreted."""
+    try:
+        from .kernels.triton import adalora_linear as kernels
+        from .kernels.triton.aot import launches_stubbed
+        from .kernels.triton.config import INTERPRET
+    except ImportError:
+        return None
+    if INTERPRET:
+        return None
+    tokens, in_f, out_f, r = OVERHEAD_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x, g = (torch.randn(tokens, n, generator=gen).to(dtype) for n in (in_f, out_f))
+    weight, bias = torch.randn(out_f, in_f, generator=gen).to(dtype), torch.zeros(out_f, dtype=dtype)
+    P, lam, Q = (torch.randn(*s, generator=gen).to(dtype) for s in ((out_f, r), (r,), (r, in_f)))
+
+    def call():
+        _, t = kernels.linear_forward(x, weight, bias, P, lam, Q, 0.1, 7)
+        kernels.linear_backward(g, x, weight, P, lam, Q, t, 0.1, 7, True, True)
+
+    with launches_stubbed(90):
+        call()  # compiles for sm_90 once
+        ms = time_calls({"triton": call}, rounds, torch.device("cpu"))["triton"]
+    row = {"op": "fwd_bwd", "variant": "triton_launch_stubbed", "tokens": tokens, "in": in_f, "out": out_f, "r": r,
+           "dtype": str(dtype).removeprefix("torch."), "dropout": 0.1, "ms": ms, "us": ms * 1e3,
+           "host_overhead": True, "launch_stubbed": True}  # fmt: skip
+    return row
+
+
 def auto_choice(case: Case) -> dict:
     """On CUDA, which backend ``auto`` picks for this case (timed once, cached as in training) and what each
     candidate measured, as extra keys for the case's rows; empty where auto has nothing to choose."""

@@ -195,6 +195,9 @@ def run_bench(args) -> dict:
             progress.advance(task)
         progress.update(task, description="per-call cost at a tiny shape")
         rows += bm.host_overhead_rows(args.dtype, args.device, args.variants)
+        if args.device.type == "cpu" and "triton" in (args.variants or bm.all_variants()):
+            launch = bm.triton_launch_host_row(torch.bfloat16)  # the Triton launch path's host time, no GPU
+            rows += [launch] if launch is not None else []
         progress.advance(task)
     return _finish(args, rows, "bench")
 

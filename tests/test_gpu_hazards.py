@@ -272,3 +272,29 @@ def test_shared_memory_estimate_bounds_every_compiled_kernel():
         assert row["local"] == 0 or row["dtype"] not in ("float16", "bfloat16"), row
         checked += 1
     assert checked > 1000
+
+
+_LAUNCH_HOST = textwrap.dedent(
+    """
+    import json, torch, triton
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.autotuner import Autotuner
+    from adalora_kernels import benchmarking as bm
+    before = (triton.runtime.driver._active, CompiledKernel._init_handles, Autotuner._bench)
+    row = bm.triton_launch_host_row(torch.bfloat16, rounds=5)
+    after = (triton.runtime.driver._active, CompiledKernel._init_handles, Autotuner._bench)
+    print(json.dumps({"row": row, "restored": before == after}))
+    """
+)
+
+
+def test_triton_launch_host_time_is_measured_without_a_gpu():
+    """bench's Triton launch-path row: Triton's whole host path with the launches stubbed, and Triton's driver
+    and patched methods as they were afterwards (in a subprocess: the tests run Triton interpreted)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run([sys.executable, "-c", _LAUNCH_HOST], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["restored"] and out["row"]["launch_stubbed"] and 1 < out["row"]["us"] < 10_000

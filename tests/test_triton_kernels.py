@@ -20,37 +20,33 @@ S = 0.5
 
 
 class _Spy:
-    def __init__(self, kernel, calls, name):
-        self.kernel, self.calls, self.name = kernel, calls, name
+    def __init__(self, launch, calls, name):
+        self.launch, self.calls, self.name = launch, calls, name
 
-    def __getitem__(self, grid):
+    def __call__(self, grid, *args, **meta):
         self.calls.append(self.name)
-        return self.kernel[grid]
+        return self.launch(grid, *args, **meta)
 
 
-def test_kernels_really_run(monkeypatch):
+def test_kernels_really_run_and_tuned_launches_give_the_same_result(monkeypatch):
+    """Every kernel runs (none falls back to torch); the second call of a shape launches the tuned config
+    without the autotuner (kmod._Launch) and computes the same, bit for bit."""
     calls = []
-    for name in [
-        "_shrink_fwd_kernel",
-        "_fused_fwd_kernel",
-        "_dt_bwd_kernel",
-        "_fused_dx_bwd_kernel",
-        "_rank_reduce_bwd_kernel",
-    ]:
-        monkeypatch.setattr(kmod, name, _Spy(getattr(kmod, name), calls, name))
+    names = ["shrink_fwd", "fused_fwd", "dt_bwd", "fused_dx_bwd", "rank_reduce_bwd"]
+    for name in names:
+        monkeypatch.setattr(kmod, f"_launch_{name}", _Spy(getattr(kmod, f"_launch_{name}"), calls, name))
     x, w, b, P, lam, Q, m = make_inputs((20,), 40, 24, 4, torch.float32, mask=True)
     leaves = [v.requires_grad_() for v in (x, P, lam, Q)]
-    y = ak.adalora_linear(x, w, b, P, lam, Q, scaling=S, rank_mask=m, dropout_p=0.2, seed=3, backend="triton")
-    y.sum().backward()
-    assert calls == [
-        "_shrink_fwd_kernel",
-        "_fused_fwd_kernel",
-        "_dt_bwd_kernel",
-        "_fused_dx_bwd_kernel",
-        "_rank_reduce_bwd_kernel",  # dQ
-        "_rank_reduce_bwd_kernel",  # dP
-    ]
-    assert all(v.grad is not None for v in leaves)
+    results, tuned = [], []
+    for _ in range(2):
+        y = ak.adalora_linear(x, w, b, P, lam, Q, scaling=S, rank_mask=m, dropout_p=0.2, seed=3, backend="triton")
+        results.append((y, *torch.autograd.grad(y.sum(), leaves)))
+        tuned.append({n: dict(getattr(kmod, f"_launch_{n}").launch.tuned) for n in names})
+    one_call = ["shrink_fwd", "fused_fwd", "dt_bwd", "fused_dx_bwd", "rank_reduce_bwd", "rank_reduce_bwd"]  # dQ, dP
+    assert calls == one_call * 2
+    assert all(tuned[0][n] for n in names) and tuned[1] == tuned[0]  # the second call found every key tuned
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
 
 
 def test_dropout_mask_does_not_depend_on_tiles():

@@ -313,9 +313,19 @@ def _keep_mask_kernel(out_ptr, M, K, seed: tl.int64, p, BLOCK_M: tl.constexpr, B
 _ROW_TILE = 64  # the row tile the split counts assume; the kernels take any BLOCK_M
 
 
+# the launchers' integer helpers in plain Python: Triton's cdiv and next_power_of_2 are constexpr functions
+# whose calls cost microseconds each from the host, about 80 µs of every fwd+bwd call (Triton 3.9)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def m_bucket(M: int) -> int:
     """The autotuning bucket of a token count: the next power of two (at least 16)."""
-    return max(16, triton.next_power_of_2(M))
+    return max(16, _next_pow2(M))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -330,7 +340,7 @@ def _meta(dtype: torch.dtype, R: int) -> dict:
     return {
         "IS_FP64": dtype == torch.float64,
         "DOT_PRECISION": dot_precision(dtype),
-        "BLOCK_R": max(16, triton.next_power_of_2(R)),
+        "BLOCK_R": max(16, _next_pow2(R)),
     }
 
 
@@ -344,8 +354,32 @@ def _sm_count(device: torch.device) -> int:
 def splits_for(programs: int, length: int, device: torch.device, min_chunk: int = 256) -> int:
     """How many ways to split a reduction of ``length`` so that ``programs`` become about 2 per SM, each
     split keeping at least ``min_chunk`` of the reduction."""
-    want = triton.cdiv(2 * _sm_count(device), max(programs, 1))
+    want = _cdiv(2 * _sm_count(device), max(programs, 1))
     return max(1, min(want, length // min_chunk))
+
+
+class _Launch:
+    """Launches of one autotuned kernel: the first of each tuning key through Triton's autotuner (which tunes
+    and compiles), the later ones straight to the tuned config's JIT dispatch. The autotuner rebuilds its key
+    from every argument on every launch, about a third of the host time of a launch; here the key is read from
+    the same arguments by position, with the dtype of every tensor argument, as the autotuner forms it."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.positional = [kernel.arg_names.index(k) for k in kernel.keys]  # constexpr keys come as keywords
+        self.tuned: dict[tuple, object] = {}
+
+    def __call__(self, grid, *args, **meta) -> None:
+        key = tuple(args[i] if i < len(args) else meta[self.kernel.arg_names[i]] for i in self.positional)
+        key += tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+        config = self.tuned.get(key)
+        if config is None:
+            self.kernel.best_config = None  # set again by the autotuner's run (not by aot's compile-only one)
+            self.kernel[grid](*args, **meta)
+            if self.kernel.best_config is not None:
+                self.tuned[key] = self.kernel.best_config
+        else:
+            self.kernel.fn.run(*args, grid=grid, warmup=False, **meta, **config.all_kwargs())
 
 
 def _dropout_args(dropout_p: float, seed: int) -> tuple:
@@ -363,11 +397,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_launch_rank_reduce_bwd = _Launch(_rank_reduce_bwd_kernel)
+_launch_shrink_fwd = _Launch(_shrink_fwd_kernel)
+_launch_fused_fwd = _Launch(_fused_fwd_kernel)
+_launch_dt_bwd = _Launch(_dt_bwd_kernel)
+_launch_fused_dx_bwd = _Launch(_fused_dx_bwd_kernel)
+
+
 def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
     """The mask these kernels apply for ``seed`` to an input of ``shape`` (rows, in)."""
     M, K = shape
     out = torch.empty(M, K, dtype=torch.int8, device=device)
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+    grid = (_cdiv(M, 32), _cdiv(K, 32))
     _keep_mask_kernel[grid](out, M, K, seed, dropout_p, BLOCK_M=32, BLOCK_K=32)
     return out.bool()
 
@@ -376,9 +417,9 @@ def _rank_reduce(a, lam, b, out, dropout_p, seed, meta):
     """``out (R, K) = (a · λ)ᵀ drop(b)`` over all rows, split over row ranges where columns are few."""
     M, K = b.shape
     R = a.shape[1]
-    splits = splits_for(triton.cdiv(K, _ROW_TILE), M, b.device)
+    splits = splits_for(_cdiv(K, _ROW_TILE), M, b.device)
     part = _split_buffer(out, splits, _acc_dtype(b.dtype))
-    _rank_reduce_bwd_kernel[lambda c: (triton.cdiv(K, c["BLOCK_K"]), splits)](
+    _launch_rank_reduce_bwd(lambda c: (_cdiv(K, c["BLOCK_K"]), splits),
         a, lam if lam is not None else a, b, part, M, K, R, m_bucket(M), splits,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), part.stride(0), part.stride(1), part.stride(2),
         *_dropout_args(dropout_p, seed), HAS_DROPOUT=dropout_p > 0.0, HAS_LAM=lam is not None, **meta,
@@ -403,9 +444,9 @@ def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     t = torch.empty(M, R, dtype=x2.dtype, device=x2.device)
     if R > 0 and M > 0:
-        splits = splits_for(triton.cdiv(M, _ROW_TILE), K, x2.device)
+        splits = splits_for(_cdiv(M, _ROW_TILE), K, x2.device)
         part = _split_buffer(t, splits, _acc_dtype(x2.dtype))
-        _shrink_fwd_kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]), splits)](
+        _launch_shrink_fwd(lambda c: (_cdiv(M, c["BLOCK_M"]), splits),
             x2, Q, part, M, K, R, m_bucket(M), splits,
             x2.stride(0), x2.stride(1), Q.stride(0), Q.stride(1), part.stride(0), part.stride(1), part.stride(2),
             *_dropout_args(dropout_p, seed), HAS_DROPOUT=dropout_p > 0.0, **meta,
@@ -413,7 +454,7 @@ def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
         if splits > 1:
             t.copy_(part.sum(0))
     if M > 0:
-        _fused_fwd_kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](
+        _launch_fused_fwd(lambda c: (_cdiv(M, c["BLOCK_M"]) * _cdiv(N, c["BLOCK_N"]),),
             x2, weight, bias if bias is not None else y, t, P, lam_eff, y, M, N, K, R, m_bucket(M),
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
             P.stride(0), P.stride(1), y.stride(0), y.stride(1),
@@ -430,10 +471,10 @@ def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, 
     acc_dtype = _acc_dtype(x2.dtype)
     u = torch.empty(M, R, dtype=acc_dtype, device=x2.device)
     # one row of dλ partials per row block of the smallest tile any config uses
-    dlam_part = torch.zeros(triton.cdiv(M, 16), R, dtype=acc_dtype, device=x2.device)
+    dlam_part = torch.zeros(_cdiv(M, 16), R, dtype=acc_dtype, device=x2.device)
     has_adapter = R > 0 and M > 0
     if has_adapter:
-        _dt_bwd_kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](
+        _launch_dt_bwd(lambda c: (_cdiv(M, c["BLOCK_M"]),),
             g2, P, t, lam_eff, u, dlam_part, M, N, R, m_bucket(M),
             g2.stride(0), g2.stride(1), P.stride(0), P.stride(1), t.stride(0), t.stride(1),
             NEED_ADAPTER=need_adapter, **meta,
@@ -442,7 +483,7 @@ def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, 
     if need_dx:
         dx = torch.empty(M, K, dtype=x2.dtype, device=x2.device)
         if M > 0:
-            _fused_dx_bwd_kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]),)](
+            _launch_fused_dx_bwd(lambda c: (_cdiv(M, c["BLOCK_M"]) * _cdiv(K, c["BLOCK_N"]),),
                 g2, weight, u, Q, dx, M, N, K, R, m_bucket(M),
                 g2.stride(0), g2.stride(1), weight.stride(0), weight.stride(1), Q.stride(0), Q.stride(1),
                 dx.stride(0), dx.stride(1), *_dropout_args(dropout_p, seed),

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+from triton.compiler.compiler import CompiledKernel
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
@@ -141,4 +142,30 @@ def compile_only(arch: int) -> Iterator[list[CompiledVariant]]:
         yield records
     finally:
         JITFunction.run, Autotuner.run = jit_run, tuner_run
+        triton.runtime.driver.set_active(previous)
+
+
+@contextlib.contextmanager
+def launches_stubbed(arch: int = 90) -> Iterator[None]:
+    """Within the block, Triton launches go through Triton's whole host path (autotuner, JIT dispatch,
+    argument binding, launch metadata) for ``sm_<arch>``, compiling where needed, but the launch itself does
+    nothing and autotuning takes the first config that the prune keeps: what the launchers cost the host,
+    measured without a GPU."""
+    if arch not in SHARED_MEMORY:
+        raise ValueError(f"arch: expected one of {sorted(SHARED_MEMORY)}, got {arch!r}")
+    init_handles, bench = CompiledKernel._init_handles, Autotuner._bench
+
+    def no_launch(self):
+        self._run = lambda *args: None
+
+    def first_config(self, *args, config, **meta):
+        return [float(self.configs.index(config) if config in self.configs else 0)] * 3
+
+    previous = triton.runtime.driver._active
+    triton.runtime.driver.set_active(_CompileOnlyDriver(arch))
+    CompiledKernel._init_handles, Autotuner._bench = no_launch, first_config
+    try:
+        yield
+    finally:
+        CompiledKernel._init_handles, Autotuner._bench = init_handles, bench
         triton.runtime.driver.set_active(previous)

@@ -491,8 +491,9 @@ def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, 
             )  # fmt: skip
     if not need_adapter:
         return dx, None, None, None
-    dQ = torch.zeros(R, K, dtype=x2.dtype, device=x2.device)
-    dP = torch.zeros(N, R, dtype=P.dtype, device=x2.device)
+    new = torch.empty if has_adapter else torch.zeros  # the reductions write every element (no memset launch)
+    dQ = new(R, K, dtype=x2.dtype, device=x2.device)
+    dP = new(N, R, dtype=P.dtype, device=x2.device)
     if has_adapter:
         _rank_reduce(u, None, x2, dQ, dropout_p, seed, meta)
         _rank_reduce(t, lam_eff, g2, dP.t(), 0.0, 0, meta)  # dPᵀ (R, N), written through dP's strides

@@ -468,7 +468,10 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 def peak_bytes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
-    """Peak CUDA memory of one forward+backward above what was allocated before it."""
+    """Peak CUDA memory of one forward+backward above what was allocated before it, after a warm-up call (the
+    first call of a shape autotunes the Triton kernels, and the autotuner's timing buffers are no step's)."""
+    module(x).backward(grad)
+    _clear_grads(module, x)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -28,6 +28,7 @@ from datetime import date
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .integrations import inject_adalora
 from .kernels import backend_names, unavailable_reason
@@ -376,6 +377,44 @@ def timing_rows(case: Case, mode: str, rounds: int, graphs: bool = False) -> lis
 OVERHEAD_SHAPE = (8, 16, 16, 4)  # tokens, in, out, r: compute is negligible, what is left is per-call cost
 
 
+class _OpCount(TorchDispatchMode):
+    """Counts the tensor ops dispatched that are not views: what a call runs besides Python (on a GPU,
+    each launches at least one kernel). A native op counts once, whatever it runs inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def per_call_work(module: nn.Module, case: Case) -> dict:
+    """What one fwd+bwd of ``module`` runs: ``ops_per_call`` (dispatched ops, views not counted) and, on CUDA,
+    ``kernels_per_call`` (GPU kernels and memsets the profiler saw launched, Triton's and the extension's
+    included)."""
+    timed, _ = step_fn(module, case, "fwd_bwd")
+    timed()  # warm: first calls tune, compile and allocate
+    _clear_grads(module, case.x)
+    with _OpCount() as count:
+        timed()
+    _clear_grads(module, case.x)
+    out = {"ops_per_call": count.ops}
+    if case.device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                timed()
+                torch.cuda.synchronize()
+            out["kernels_per_call"] = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+        except Exception as exc:  # no CUPTI (some VMs): the timings stand without the count
+            out["kernels_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        _clear_grads(module, case.x)
+    return out
+
+
 def host_overhead_rows(dtype: torch.dtype, device: torch.device, variants: list[str] | None, rounds: int = 200):
     """Per-call cost of one fwd+bwd at a tiny shape (Python dispatch, autograd, small ops, launches), per variant,
     interleaved: ``us`` and ``overhead_us`` above the frozen ``nn.Linear`` at the same shape."""
@@ -387,6 +426,7 @@ def host_overhead_rows(dtype: torch.dtype, device: torch.device, variants: list[
         ms = time_cpu_interleaved(case, "fwd_bwd", rounds, warmup=20)
         for name, value in ms.items():
             row = case.row("fwd_bwd", name, ms=value, us=value * 1e3, host_overhead=True)
+            row |= per_call_work(case.variants[name], case)
             if "linear" in ms:
                 row["overhead_us"] = (value - ms["linear"]) * 1e3
                 row["slowdown_vs_linear"] = value / ms["linear"]

@@ -79,6 +79,9 @@ def test_tiny_bench_run_writes_json_csv_plot(tmp_path):
     assert {(r["tokens"], r["in"], r["out"]) for r in overhead} == {(8, 16, 16)}
     assert {r["variant"] for r in overhead} >= {"linear", "peft", "torch"} and "peft_compiled" not in str(overhead)
     assert all(r["us"] > 0 and "overhead_us" in r for r in overhead)
+    ops = {(r["variant"], r["dropout"]): r["ops_per_call"] for r in overhead}  # dispatched ops, views aside
+    assert ops[("linear", 0.0)] == 2  # addmm forward, mm for dx backward
+    assert ops.get(("csrc", 0.0), 6) <= 6 < ops[("torch", 0.0)]  # one native op each way, λ's scaling around
     assert (tmp_path / "b.png").stat().st_size > 1000 and (tmp_path / "b.csv").read_text().startswith("dropout")
     assert all("unavailable" in r for r in data["rows"] if r["variant"] == "triton" and "ms" not in r)
 

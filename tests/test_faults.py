@@ -330,3 +330,19 @@ def test_cli_mistake_from_the_shell_has_no_traceback(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "adalora-kernels train: error: argument --lr: expected a positive finite float, got 'nan'"
     ]
+
+
+def test_dropout_under_cuda_graph_capture_needs_an_explicit_seed(monkeypatch):
+    """A seed drawn on the host during capture would give every replay of the graph one dropout mask: refused,
+    naming the way out; with seed= given, or without dropout, the call goes on."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["adalora_kernels.ops.adalora_linear"], "_capturing", lambda device: True)
+    layer = ak.AdaLoRALinear(8, 6, init_r=2, lora_dropout=0.1, backend="torch")
+    x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match=r"CUDA graph capture.*pass seed="):
+        layer(x)
+    w, b, P, lam, Q = layer.weight, layer.bias, layer.P, layer.lam, layer.Q
+    ak.adalora_linear(x, w, b, P, lam, Q, scaling=0.5, dropout_p=0.1, seed=3, backend="torch")
+    layer.eval()
+    layer(x)

@@ -210,6 +210,11 @@ def _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling) -> 
         raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream of ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def auto_key(x: Tensor, weight: Tensor, bias: Tensor | None, lam: Tensor, dropout_p: float) -> tuple:
     """What auto's measured choice depends on: the device, the token count's power-of-two bucket, the
     layer's shape, rank, dtype, and whether dropout and a bias are on."""
@@ -297,6 +302,12 @@ def adalora_linear(
     _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling)
     p = float(dropout_p) if training else 0.0
     eager = x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+    if eager and p > 0.0 and seed is None and _capturing(x.device):
+        raise RuntimeError(
+            "dropout_p > 0 with seed=None under CUDA graph capture: the seed is drawn on the host once, so every "
+            "replay would reuse one dropout mask; pass seed= (a fixed mask is then what you asked for), or use "
+            "lora_dropout=0 for the captured part"
+        )
     name = resolve_backend(backend, x.device)
     if eager and x.device.type == "cuda" and requested(backend) == "auto":
         candidates = runnable(x.device)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .integrations import inject_adalora
-from .modules import AdaLoRALinear, RankAllocator, orthogonal_regularization
+from .modules import AdaLoRALinear, RankAllocator, orthogonal_regularization_of
 
 POSITIVE = ["great", "wonderful", "excellent", "delightful", "superb", "lovely", "brilliant", "pleasant", "good"]
 NEGATIVE = ["terrible", "awful", "dreadful", "horrible", "poor", "boring", "bad", "disappointing", "nasty"]
@@ -136,8 +136,10 @@ def build_ours(task: Task, args) -> Run:
         model.get_submodule(task.trainable_head).requires_grad_(True)
     allocator = RankAllocator(model, target_r=args.target_r, total_step=args.steps, **_schedule(args.steps))
 
+    layers = [m for m in model.modules() if isinstance(m, AdaLoRALinear)]  # found once, not every step
+
     def regulariser():
-        return args.orth_reg_weight * orthogonal_regularization(model)
+        return args.orth_reg_weight * orthogonal_regularization_of([m.P for m in layers], [m.Q for m in layers])
 
     return Run(model, lambda b: model(**b), allocator.update_and_allocate, regulariser, lambda: allocator.rank_pattern)
 

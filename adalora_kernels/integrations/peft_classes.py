@@ -35,14 +35,16 @@ class FusedSVDLinear(SVDLinear):
 
     _ak_backend: str | None = None
 
-    def fusable(self, x: Tensor) -> str:
-        """The adapter the fused op can compute for ``x``, or ``""`` when PEFT's own forward must run."""
+    def fusable(self, x: Tensor, base: nn.Module | None = None) -> str:
+        """The adapter the fused op can compute for ``x``, or ``""`` when PEFT's own forward must run
+        (``base``: the base layer, where the caller has it)."""
         if self.disable_adapters or self.merged:
             return ""
-        active = [a for a in self.active_adapters if a in self.lora_A]
+        lora_A = self.lora_A
+        active = [a for a in self.active_adapters if a in lora_A]
         if len(active) != 1:  # none, or several adapters summed
             return ""
-        base = self.get_base_layer()
+        base = base if base is not None else self.get_base_layer()
         if base._forward_hooks or base._forward_pre_hooks or _global_hooks():  # hooks must see the base layer run
             return ""
         if not (isinstance(base, nn.Linear) or is_conv1d(base)) or x.dtype != base.weight.dtype:
@@ -62,10 +64,10 @@ class FusedSVDLinear(SVDLinear):
         return self.scaling[adapter] / (cache[adapter][1] + 1e-5)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        adapter = "" if (args or kwargs) else self.fusable(x)
+        base = self.get_base_layer()
+        adapter = "" if (args or kwargs) else self.fusable(x, base)
         if not adapter:
             return super().forward(x, *args, **kwargs)
-        base = self.get_base_layer()
         P, lam, Q = self.lora_B[adapter], self.lora_E[adapter].view(-1), self.lora_A[adapter]
         if P.dtype != x.dtype:  # PEFT keeps fp32 adapters beside a 16-bit base: compute them in x's dtype
             P, lam, Q = P.to(x.dtype), lam.to(x.dtype), Q.to(x.dtype)

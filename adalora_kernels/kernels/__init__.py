@@ -29,8 +29,16 @@ class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run here."""
 
 
+_GENERATION = [0]  # bumped by every registration: what callers cached about the backends is stale then
+
+
+def registry_generation() -> int:
+    return _GENERATION[0]
+
+
 def register_backend(name: str, module: str) -> None:
     """Register a backend module by import path (imported on first use)."""
+    _GENERATION[0] += 1
     _MODULES[name] = module
     _LOADED.pop(name, None)
     for key in [k for k in _READY if k[0] == name]:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from ..kernels import backend_names, get_backend, unavailable_reason
+from ..kernels import backend_names, get_backend, registry_generation, unavailable_reason
 
 log = logging.getLogger("adalora_kernels")
 
@@ -34,9 +34,18 @@ def requested(backend: str | None) -> str:
     return backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
 
 
+_RUNNABLE: dict[tuple[str, int], list[str]] = {}
+
+
 def runnable(device: torch.device) -> list[str]:
-    """The backends auto may pick on ``device``, in auto's order."""
-    return [b for b in auto_order(device) if b in backend_names() and unavailable_reason(b, device) is None]
+    """The backends auto may pick on ``device``, in auto's order; found once per device type (auto resolves on
+    every layer call) until a backend is registered."""
+    key = (device.type, registry_generation())
+    if key not in _RUNNABLE:
+        _RUNNABLE[key] = [
+            b for b in auto_order(device) if b in backend_names() and unavailable_reason(b, device) is None
+        ]
+    return list(_RUNNABLE[key])
 
 
 @torch.compiler.assume_constant_result  # traced as a constant: evaluated once, eagerly, under torch.compile

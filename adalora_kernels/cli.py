@@ -144,6 +144,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_number(int, 0, what="an int >= 0"), default=0,
                    help="seed of the training loop's random draws")  # fmt: skip
     t.add_argument("--compare-peft", action="store_true", help="train the same model through PEFT and compare")
+    t.add_argument("--compare-accelerated", action="store_true",
+                   help="also train PEFT's model after accelerate_peft (the one-line change)")  # fmt: skip
     t.add_argument("--compare-frozen", action="store_true",
                    help="also train the model with no adapter, base frozen: the floor of a step")  # fmt: skip
     t.add_argument("--quick", action="store_true", help="60 steps (< 3 minutes on 2 CPU cores)")

@@ -177,6 +177,15 @@ def copy_adapters(peft_run: Run, ours: Run) -> None:
             layer.Q.copy_(svd.lora_A["default"])
 
 
+def build_accelerated(task: Task, args) -> Run:
+    """PEFT's model after ``accelerate_peft``: the one-line change a PEFT user makes."""
+    from .integrations import accelerate_peft
+
+    run = build_peft(task, args)
+    accelerate_peft(run.model)
+    return run
+
+
 def build_frozen(task: Task, args) -> Run:
     """The floor: the same model with no adapter, its base frozen (a trainable head stays trainable), the
     backward still running through every layer as it must to reach adapters (``enable_input_require_grads``)."""
@@ -281,6 +290,7 @@ def run(args) -> dict:
     console.print(f"model: {task.name}; {args.steps} steps, init_r {args.init_r} → target_r {args.target_r}")
     runs = {}
     for name, wanted, build in (("peft", args.compare_peft, build_peft),
+                                ("accelerated", getattr(args, "compare_accelerated", False), build_accelerated),
                                 ("frozen", getattr(args, "compare_frozen", False), build_frozen)):  # fmt: skip
         if wanted:
             other = make_task(args.model)
@@ -289,6 +299,10 @@ def run(args) -> dict:
     our_run = build_ours(task, args)
     if "peft" in runs:
         copy_adapters(runs["peft"][0], our_run)
+        if "accelerated" in runs:  # PEFT's own initial adapters in both PEFT runs
+            runs["accelerated"][0].model.load_state_dict(runs["peft"][0].model.state_dict())
+    elif "accelerated" in runs:
+        copy_adapters(runs["accelerated"][0], our_run)
     runs = {"ours": (our_run, task), **runs}
     columns = (
         TextColumn("{task.description}"),
@@ -321,6 +335,16 @@ def run(args) -> dict:
                           "same_rank_pattern": theirs.rank_pattern == ours.rank_pattern}  # fmt: skip
         console.print(f"PEFT: median step {ms_theirs:.1f} ms vs ours {ms_ours:.1f} ms ({speed:.2f}×); "
                       f"largest loss difference {diff:.2e}")  # fmt: skip
+    if "accelerated" in results:
+        acc = results["accelerated"]
+        ms_acc = statistics.median(acc.step_ms)
+        result["accelerated"] = {"losses": acc.losses, "step_ms": acc.step_ms, "accuracy": acc.accuracy}
+        line = f"PEFT after accelerate_peft: median step {ms_acc:.1f} ms"
+        if "peft" in results:
+            diff = max(abs(a - b) for a, b in zip(acc.losses, results["peft"].losses))
+            result["accelerated"] |= {"speedup_vs_peft": ms_theirs / ms_acc, "max_loss_diff_vs_peft": diff}
+            line += f" ({ms_theirs / ms_acc:.2f}× PEFT's speed); largest loss difference to PEFT {diff:.2e}"
+        console.print(line)
     if "frozen" in results:
         ms_frozen = statistics.median(results["frozen"].step_ms)
         result["frozen"] = {"step_ms": results["frozen"].step_ms, "slowdown_vs_frozen": ms_ours / ms_frozen}
@@ -328,6 +352,9 @@ def run(args) -> dict:
         if "peft" in results:
             result["peft"]["slowdown_vs_frozen"] = ms_theirs / ms_frozen
             line += f", PEFT {ms_theirs / ms_frozen:.3f}×"
+        if "accelerated" in results:
+            result["accelerated"]["slowdown_vs_frozen"] = ms_acc / ms_frozen
+            line += f", PEFT accelerated {ms_acc / ms_frozen:.3f}×"
         console.print(line + " of it (medians of one interleaved run)")
     if args.plot:
         _heatmap(layers, modules, grid, args.plot, f"kept ranks of {args.init_r} — {task.name}")

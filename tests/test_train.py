@@ -15,7 +15,7 @@ from adalora_kernels.train import rank_table
 def test_train_tiny_llama_matches_peft(tmp_path):
     out = tmp_path / "train.json"
     argv = ["train", "--model", "tiny-llama", "--steps", "30", "--init-r", "4", "--target-r", "2", "--lr", "1e-2",
-            "--compare-peft", "--compare-frozen", "--json", str(out),
+            "--compare-peft", "--compare-accelerated", "--compare-frozen", "--json", str(out),
             "--plot", str(tmp_path / "ranks.png")]  # fmt: skip
     assert main(argv) == 0
     data = json.loads(out.read_text())
@@ -28,6 +28,9 @@ def test_train_tiny_llama_matches_peft(tmp_path):
     assert len(frozen["step_ms"]) == 30 and frozen["slowdown_vs_frozen"] > 0
     ratio = statistics.median(data["peft"]["step_ms"]) / statistics.median(frozen["step_ms"])
     assert data["peft"]["slowdown_vs_frozen"] == pytest.approx(ratio)
+    accelerated = data["accelerated"]  # PEFT's model after accelerate_peft, from PEFT's own adapters
+    assert accelerated["max_loss_diff_vs_peft"] < 1e-4 and len(accelerated["step_ms"]) == 30
+    assert accelerated["speedup_vs_peft"] > 0 and accelerated["slowdown_vs_frozen"] > 0
     assert (tmp_path / "ranks.png").stat().st_size > 1000
 
 

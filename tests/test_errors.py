@@ -69,3 +69,21 @@ def test_unavailable_backend_asked_by_name_raises():
 
         kernels._MODULES.pop("broken")
         kernels._LOADED.pop("broken", None)
+
+
+def test_auto_follows_a_backend_registered_again():
+    """Auto's choice is found once per device type, and found again after a registration."""
+    from adalora_kernels import kernels
+    from adalora_kernels.ops import backend
+
+    cpu = torch.device("cpu")
+    first = backend.resolve_backend(None, cpu)
+    if len(backend.runnable(cpu)) < 2:
+        pytest.skip("one backend runs here")
+    original = kernels._MODULES[first]
+    ak.register_backend(first, "adalora_kernels._no_such_module")
+    try:
+        assert backend.resolve_backend(None, cpu) != first
+    finally:
+        ak.register_backend(first, original)
+    assert backend.resolve_backend(None, cpu) == first

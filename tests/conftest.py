@@ -30,6 +30,6 @@ _FAILURES = os.environ.get("ADALORA_KERNELS_FAILURES")  # a file each failure is
 def pytest_runtest_logreport(report):
     """With ADALORA_KERNELS_FAILURES set, write each failure (id and traceback) at once: a run cut short by a
     time limit (benchmarks/gpu_check.sh on a lent GPU) still tells what failed and why."""
-    if _FAILURES and report.failed:
+    if _FAILURES and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:  # under xdist: the controller
         with open(_FAILURES, "a") as f:
             f.write(f"---- {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")

@@ -57,11 +57,13 @@ def _run(rank, world, port, out_path, wrap):
 
 
 def _fsdp2(net):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))  # gloo on the CPU, even where CUDA is present
     for layer in (net[0], net[2]):
-        fully_shard(layer)
-    return fully_shard(net)
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
 
 
 def ddp_worker(rank, world, port, out_path):

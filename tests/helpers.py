@@ -7,6 +7,7 @@ import torch
 from adalora_kernels.kernels import get_backend, unavailable_reason
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CPU = torch.device("cpu")  # for tests whose models are built on the CPU whatever the machine has
 
 
 def runnable_backends(device: torch.device = DEVICE) -> list[str]:

@@ -6,7 +6,7 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from helpers import runnable_backends  # noqa: E402
+from helpers import CPU, runnable_backends  # noqa: E402
 
 import adalora_kernels as ak  # noqa: E402
 
@@ -114,7 +114,7 @@ def test_budget_schedule_matches_peft():
         assert alloc.budget_schedule(step) == pm.base_model.rankallocator.budget_schedule(step)
 
 
-@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("backend", runnable_backends(CPU))
 def test_no_host_sync_inside_update(backend, monkeypatch):
     _, ours, alloc = build_pair(6, 2, 20, 2, 5, 1, backend=backend)
     gen = torch.Generator().manual_seed(2)
@@ -203,7 +203,7 @@ def _adapter_set(dtype, shapes=((16, 6, 24), (40, 6, 8), (3, 6, 130), (16, 6, 8)
     return params, grads
 
 
-@pytest.mark.parametrize("backend", [b for b in runnable_backends() if b != "torch"])
+@pytest.mark.parametrize("backend", [b for b in runnable_backends(CPU) if b != "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_sensitivity_update_matches_torch(backend, dtype):
     from adalora_kernels.kernels.layout import FlatLayout
@@ -221,7 +221,7 @@ def test_fused_sensitivity_update_matches_torch(backend, dtype):
         grads = [tuple(g * 0.5 + 0.1 for g in t) for t in grads]
 
 
-@pytest.mark.parametrize("fused", [b for b in runnable_backends() if b != "torch"])
+@pytest.mark.parametrize("fused", [b for b in runnable_backends(CPU) if b != "torch"])
 def test_fused_allocator_run_matches_torch_run(fused):
     runs = {}
     for backend in ("torch", fused):

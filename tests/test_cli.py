@@ -82,7 +82,8 @@ def test_tiny_bench_run_writes_json_csv_plot(tmp_path):
     ops = {(r["variant"], r["dropout"]): r["ops_per_call"] for r in overhead}  # dispatched ops, views aside
     assert ops[("linear", 0.0)] == 2  # addmm forward, mm for dx backward
     assert ops.get(("csrc", 0.0), 6) <= 6 < ops[("torch", 0.0)]  # one native op each way, λ's scaling around
-    assert (tmp_path / "b.png").stat().st_size > 1000 and (tmp_path / "b.csv").read_text().startswith("dropout")
+    header = (tmp_path / "b.csv").read_text().splitlines()[0].split(",")  # CUDA adds auto's columns
+    assert (tmp_path / "b.png").stat().st_size > 1000 and "dropout" in header
     assert all("unavailable" in r for r in data["rows"] if r["variant"] == "triton" and "ms" not in r)
 
 
@@ -101,7 +102,7 @@ def test_tiny_memory_run(tmp_path):
             "--json", str(out), "--plot", str(tmp_path / "m.png")]  # fmt: skip
     assert main(argv) == 0
     rows = check_schema(out)["rows"]
-    ours = [r for r in rows if r["variant"] == "torch" and r["dropout"] == 0.1]
+    ours = [r for r in rows if r["variant"] == "torch" and r["dropout"] == 0.1 and r["op"] == "saved_bytes"]
     assert ours and all(r["peft_over_ours_beyond_x"] >= 5 for r in ours)  # the memory target, measured
     assert {r["budget_r"] for r in rows if r["r"] == 16} == {16, 4}  # a pruned budget too
 

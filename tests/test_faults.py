@@ -11,7 +11,7 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from helpers import runnable_backends  # noqa: E402
+from helpers import CPU, runnable_backends  # noqa: E402
 from test_allocator import NAMES, assert_same, build_pair, fake_step  # noqa: E402
 
 import adalora_kernels as ak  # noqa: E402
@@ -33,7 +33,7 @@ def _same_state(a: dict, b: dict) -> bool:
 # ------------------------------------------------------------------------------------------ allocator
 
 
-@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("backend", runnable_backends(CPU))
 def test_gradient_accumulation_repeats_steps_as_peft_and_keeps_the_final_pattern(backend):
     """update_and_allocate once per micro-batch: PEFT's result in the budgeting phase (EMAs updated per call),
     and at the final step, where PEFT raises, the frozen pattern stays instead of every rank being pruned."""
@@ -58,7 +58,7 @@ def test_gradient_accumulation_repeats_steps_as_peft_and_keeps_the_final_pattern
     assert all(int((getattr(ours, n).lam != 0).sum()) == sum(alloc.rank_pattern[n]) for n in NAMES)
 
 
-@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("backend", runnable_backends(CPU))
 def test_non_finite_gradients_mask_as_peft(backend):
     """One step with inf/NaN gradients (an fp16 overflow): PEFT keeps what compares False to the threshold."""
     pm, ours, alloc = build_pair(**SCHEDULE, backend=backend)
@@ -99,7 +99,7 @@ def test_step_must_be_a_non_negative_int():
 def test_reduced_precision_adapters_on_every_backend(dtype):
     """16-bit adapters (a model cast with .bfloat16()): every backend scores them, and as the torch backend."""
     results = {}
-    for backend in runnable_backends():
+    for backend in runnable_backends(CPU):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8))
         ak.inject_adalora(model, ["0", "1"], init_r=4, backend=backend)
@@ -238,7 +238,7 @@ def test_none_for_a_tensor_argument_is_named(name):
         ak.adalora_linear(args["x"], args["weight"], None, args["P"], args["lam"], args["Q"], scaling=1.0)
 
 
-@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("backend", runnable_backends(CPU))
 @pytest.mark.parametrize(("in_f", "out_f"), [(0, 3), (4, 0)])
 def test_empty_features_behave_as_nn_linear(backend, in_f, out_f):
     if backend == "triton" and 0 in (in_f, out_f):

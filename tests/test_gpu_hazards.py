@@ -100,10 +100,10 @@ def _offsets_kernel(out_ptr, row0, stride_rows):
 
 @needs_triton
 def test_tile_offsets_are_int64_past_2_31():
-    out = torch.empty(4, 4, dtype=torch.int64)
+    out = torch.empty(4, 4, dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu")
     _offsets_kernel[(1,)](out, 40000, 65536)  # 40000 · 65536 = 2.6e9 > 2³¹
     rows = torch.arange(40000, 40004, dtype=torch.int64)[:, None]
-    assert torch.equal(out, rows * 65536 + torch.arange(4)[None, :])
+    assert torch.equal(out.cpu(), rows * 65536 + torch.arange(4)[None, :])
 
 
 @needs_triton

@@ -294,9 +294,12 @@ def adalora_linear(
     ``backend``: ``None``/``"auto"``, ``"torch"``, ``"triton"`` or ``"csrc"``.
     """
     _check_tensor_args(x=x, weight=weight, bias=bias, P=P, lam=lam, Q=Q, rank_mask=rank_mask)
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+    device_type = x.device.type  # cpu and cuda always have autocast; torch 2.11's dynamo cannot trace the check
+    if (device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)) and torch.is_autocast_enabled(
+        device_type
+    ):
         # as autocast does for F.linear: compute in the autocast dtype, grads flow back through the casts
-        dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = torch.get_autocast_dtype(device_type)
         x, weight, P, lam, Q = (t.to(dtype) for t in (x, weight, P, lam, Q))
         bias = bias.to(dtype) if bias is not None else None
     _check_inputs(x, weight, bias, P, lam, Q, rank_mask, dropout_p, scaling)

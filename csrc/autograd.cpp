@@ -59,6 +59,13 @@ at::Tensor rows_of(const at::Tensor& x) {
   return x.reshape({rows, x.size(-1)});
 }
 
+// y (rows, out) viewed with x's leading sizes
+at::Tensor like_input(const at::Tensor& y, const at::Tensor& x) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = y.size(1);
+  return y.view(shape);
+}
+
 class AdaLoRALinearFunction : public torch::autograd::Function<AdaLoRALinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -73,9 +80,7 @@ class AdaLoRALinearFunction : public torch::autograd::Function<AdaLoRALinearFunc
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    std::vector<int64_t> shape = x.sizes().vec();
-    shape.back() = weight.size(0);
-    return y.view(shape);
+    return like_input(y, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -132,9 +137,7 @@ at::Tensor adalora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
                                   int64_t seed) {
   auto [y, t] = call_fwd(rows_of(x), weight, bias, P, effective_lam(lam, rank_mask, scaling), Q, dropout_p,
                          resolved_seed(seed));
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = weight.size(0);
-  return y.view(shape);
+  return like_input(y, x);
 }
 
 }  // namespace

@@ -3,10 +3,14 @@
 Fetches the source distribution of the installed PEFT version once (into ``$ADALORA_KERNELS_CACHE`` or
 ``~/.cache/adalora_kernels``; nothing of it enters this repository), makes a virtual environment beside it that
 sees this one's packages and adds what PEFT's tests import (diffusers, datasets, parameterized, scipy, pyyaml),
-then runs PEFT's offline tests that involve AdaLoRA twice: plain, and with every model that
-``get_peft_model`` or ``PeftModel.from_pretrained`` creates passed through ``accelerate_peft``
-(``scripts/peft_suite_plugin.py``). Prints plain-vs-accelerated counts and how many tests ran the fused op;
-exits 1 when a test passes plain and fails accelerated.
+then runs PEFT's offline tests that involve AdaLoRA: plain, then with every model that ``get_peft_model`` or
+``PeftModel.from_pretrained`` creates passed through ``accelerate_peft`` (``scripts/peft_suite_plugin.py``), once
+with the CPU kernels' widest instruction set and once forced to each narrower one (AVX2, baseline; see
+``ADALORA_KERNELS_CPU_ISA``), so an AVX-512 machine also judges what an AVX2 machine runs. Prints the counts of
+every run and how many tests ran the fused op; exits 1 when a test passes plain and fails in an accelerated run.
+
+The suite's venv is made once per base interpreter and sees the calling environment's packages through a
+``.pth`` file rewritten on every run, so it follows whichever environment runs the suite.
 
     python scripts/peft_suite.py [--keep-going] [-k EXPR] [--json FILE]
 """
@@ -14,6 +18,7 @@ exits 1 when a test passes plain and fails accelerated.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import site
@@ -64,27 +69,51 @@ def fetch_tests(peft_version: str) -> Path:
     return root
 
 
+def _purelib(python: Path) -> Path | None:
+    """The site-packages folder of ``python``, or ``None`` where it does not run (its base interpreter gone)."""
+    done = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True)  # fmt: skip
+    return Path(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip() else None
+
+
 def suite_python() -> str:
-    """A venv that sees this environment's packages (torch, peft, adalora_kernels) plus PEFT's test imports."""
-    venv = _cache() / "peft-suite-venv"
+    """A venv that sees this environment's packages (torch, peft, adalora_kernels) plus PEFT's test imports: one
+    per base interpreter (and its version), pointed at the calling environment anew on every run."""
+    key = hashlib.sha256(f"{sys.base_prefix}|{sys.version}".encode()).hexdigest()[:12]
+    venv = _cache() / f"peft-suite-venv-{key}"
     python = venv / "bin" / "python"
-    if not (venv / ".complete").exists():
+    lib = _purelib(python) if (venv / ".complete").exists() else None
+    if lib is None:
+        if venv.exists():
+            import shutil
+
+            shutil.rmtree(venv)
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-        # where this interpreter is itself a venv, its packages come before the base interpreter's there too
-        parents = [p for p in site.getsitepackages() if not p.startswith(sys.base_prefix)]
-        lib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-        lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in parents)
-        (Path(lib) / "adalora_parent_env.pth").write_text(lines)
+        lib = _purelib(python)
+        if lib is None:
+            raise RuntimeError(f"the suite's venv {venv} does not run")
+    # the calling environment's packages, where it is itself a venv, before the base interpreter's: rewritten on
+    # every run, so a later run from another environment never reads a deleted one
+    parents = [p for p in site.getsitepackages() if not p.startswith(sys.base_prefix)]
+    (lib / "adalora_parent_env.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in parents))
+    if not (venv / ".complete").exists():
         subprocess.run([str(python), "-m", "pip", "install", "-q", *SUITE_DEPS], check=True)
         (venv / ".complete").touch()
     return str(python)
 
 
-def run(python: str, src: Path, accelerate: bool, select: str, report: Path) -> float:
+# (label, accelerated, ADALORA_KERNELS_CPU_ISA or None for the widest the CPU runs)
+RUNS = [("plain", False, None), ("accelerated", True, None), ("accelerated[avx2]", True, "avx2"),
+        ("accelerated[baseline]", True, "baseline")]  # fmt: skip
+
+
+def run(python: str, src: Path, accelerate: bool, isa: str | None, select: str, report: Path) -> float:
     env = {**os.environ, **OFFLINE, "ADALORA_SUITE_ACCELERATE": "1" if accelerate else "0",
            "ADALORA_SUITE_REPORT": str(report), "PYTHONPATH": f"{ROOT / 'scripts'}{os.pathsep}{ROOT}"}  # fmt: skip
     env.pop("TRITON_INTERPRET", None)
+    env.pop("ADALORA_KERNELS_CPU_ISA", None)
+    if isa is not None:
+        env["ADALORA_KERNELS_CPU_ISA"] = isa
     cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "peft_suite_plugin", "-o", "addopts=",
            "-k", select, *(f"tests/{f}" for f in FILES)]  # fmt: skip
     start = time.perf_counter()
@@ -101,41 +130,47 @@ def main(argv: list[str] | None = None) -> int:
     src = fetch_tests(peft_version)
     python = suite_python()
     outcomes = {}
-    for accelerate in (False, True):
-        report = _cache() / f"peft-suite-{'accelerated' if accelerate else 'plain'}.json"
+    for label, accelerate, isa in RUNS:
+        report = _cache() / f"peft-suite-{label}.json"
         report.unlink(missing_ok=True)
-        seconds = run(python, src, accelerate, args.select, report)
+        seconds = run(python, src, accelerate, isa, args.select, report)
         if not report.exists():
-            print(f"PEFT suite ({'accelerated' if accelerate else 'plain'}) wrote no report: it did not run")
+            print(f"PEFT suite ({label}) wrote no report: it did not run")
             return 1
-        outcomes[accelerate] = json.loads(report.read_text())["tests"]
-        print(f"{'accelerated' if accelerate else 'plain':11s} run: {seconds:.0f} s")
-    plain, fast = outcomes[False], outcomes[True]
+        outcomes[label] = json.loads(report.read_text())["tests"]
+        print(f"{label:21s} run: {seconds:.0f} s")
+    plain = outcomes["plain"]
 
     def count(results, outcome):
         return sum(r["outcome"] == outcome for r in results.values())
 
     print(f"PEFT {peft_version}'s tests involving AdaLoRA ({len(plain)} collected, offline):")
-    for label, results in (("plain", plain), ("accelerated", fast)):
+    for label, results in outcomes.items():
         # (not in pytest's "N passed, N failed" shape: CI reads that shape as the test run's own summary)
-        print(f"  {label:11s} passed {count(results, 'passed')} / failed {count(results, 'failed')} / "
+        print(f"  {label:21s} passed {count(results, 'passed')} / failed {count(results, 'failed')} / "
               f"skipped {count(results, 'skipped')}")  # fmt: skip
+    fast = outcomes["accelerated"]
     ran_fused = sorted(n for n, r in fast.items() if r["fused_calls"] > 0)
     passed_fused = [n for n in ran_fused if fast[n]["outcome"] == "passed"]
     print(f"  fused op ran in {len(ran_fused)} tests ({len(passed_fused)} of them passed), "
           f"{sum(r['fused_calls'] for r in fast.values())} fused layer calls in all")  # fmt: skip
-    regressions = sorted(n for n, r in plain.items() if r["outcome"] == "passed" and fast.get(n, {}).get("outcome")
-                         not in ("passed", "skipped"))  # fmt: skip
-    missing = sorted(set(plain) - set(fast))
     if args.json is not None:
-        args.json.write_text(json.dumps({"peft": peft_version, "plain": plain, "accelerated": fast}, indent=0))
-    for name in regressions:
-        print(f"FAIL accelerated only: {name}")
-    for name in missing:
-        print(f"FAIL not run accelerated: {name}")
-    print(f"  {len(plain) - len(regressions) - len(missing)} tests with the same outcome plain and accelerated, "
-          f"{len(regressions) + len(missing)} that pass plain and not accelerated")  # fmt: skip
-    return 1 if regressions or missing else 0
+        args.json.write_text(json.dumps({"peft": peft_version, **outcomes}, indent=0))
+    bad = 0
+    for label, results in outcomes.items():
+        if label == "plain":
+            continue
+        regressions = sorted(n for n, r in plain.items() if r["outcome"] == "passed"
+                             and results.get(n, {}).get("outcome") not in ("passed", "skipped"))  # fmt: skip
+        missing = sorted(set(plain) - set(results))
+        for name in regressions:
+            print(f"FAIL {label} only: {name}")
+        for name in missing:
+            print(f"FAIL not run {label}: {name}")
+        print(f"  {label}: {len(plain) - len(regressions) - len(missing)} tests with the same outcome as plain, "
+              f"{len(regressions) + len(missing)} that pass plain and not here")  # fmt: skip
+        bad += len(regressions) + len(missing)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -49,13 +49,17 @@ def pytest_configure(config):
 
     peft.get_peft_model = peft.mapping_func.get_peft_model = _wrap(peft.mapping_func.get_peft_model)
     PeftModel.from_pretrained = classmethod(_wrap(PeftModel.from_pretrained.__func__))
-    fused = peft_classes.adalora_linear
+    for name in ("adalora_linear", "adalora_linear_peft_order"):  # the fused op, or its PEFT-rounded forward
+        setattr(peft_classes, name, _counted(getattr(peft_classes, name)))
 
+
+def _counted(fn):
+    @functools.wraps(fn)
     def counted(*args, **kwargs):
         _fused_calls[0] += 1
-        return fused(*args, **kwargs)
+        return fn(*args, **kwargs)
 
-    peft_classes.adalora_linear = counted
+    return counted
 
 
 def pytest_runtest_setup(item):

@@ -107,17 +107,18 @@ def test_inject_errors_and_regex():
 # ------------------------------------------------------------------------------------------------ accelerate_peft
 
 
-def _peft_pair(factory, targets, **cfg):
+def _peft_pair(factory, targets, numerics="auto", **cfg):
     model = peft.get_peft_model(factory(), peft.AdaLoraConfig(target_modules=targets, task_type="CAUSAL_LM", **cfg))
     randomize_lams(model)
-    return model, ak.accelerate_peft(copy.deepcopy(model))
+    return model, ak.accelerate_peft(copy.deepcopy(model), numerics=numerics)
 
 
+@pytest.mark.parametrize("numerics", ["peft", "fused"])
 @pytest.mark.parametrize("factory,targets", [(llama, LLAMA_TARGETS), (gpt2, GPT2_TARGETS)])
-def test_accelerated_peft_trains_like_peft(factory, targets):
+def test_accelerated_peft_trains_like_peft(factory, targets, numerics):
     total = 12
-    plain, fast = _peft_pair(factory, targets, init_r=6, target_r=2, total_step=total, tinit=2, tfinal=3, deltaT=2,
-                             lora_alpha=8, orth_reg_weight=0.3)  # fmt: skip
+    plain, fast = _peft_pair(factory, targets, numerics, init_r=6, target_r=2, total_step=total, tinit=2, tfinal=3,
+                             deltaT=2, lora_alpha=8, orth_reg_weight=0.3)  # fmt: skip
     assert type(fast.base_model.model.get_submodule(_first_svd(fast))).__name__ == "FusedSVDLinear"
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (plain, fast)]
     for step in range(total + 3):  # warm-up, budgeting, final phase, past total_step
@@ -143,19 +144,25 @@ def _first_svd(model):
     return next(n for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
 
 
-def test_accelerated_peft_keeps_save_pretrained_and_uses_our_op(tmp_path, monkeypatch):
-    _, fast = _peft_pair(llama, ["q_proj", "v_proj"], init_r=4, target_r=2, total_step=10)
+@pytest.mark.parametrize("numerics", ["peft", "fused"])
+def test_accelerated_peft_keeps_save_pretrained_and_uses_our_op(tmp_path, monkeypatch, numerics):
+    plain, fast = _peft_pair(llama, ["q_proj", "v_proj"], numerics, init_r=4, target_r=2, total_step=10)
     calls = []
-    # the kernels' entry points: _forward_impl (custom op and eager autograd.Function), or csrc's one native op
+    # the kernels' entry points: _forward_impl (custom op and eager autograd.Function), or csrc's one native op;
+    # with PEFT's rounding, the forward is PEFT's ATen calls and the backward the kernels' (_backward_impl)
     op_module = sys.modules["adalora_kernels.ops.adalora_linear"]
-    real = op_module._forward_impl
-    monkeypatch.setattr(op_module, "_forward_impl", lambda *a: calls.append(1) or real(*a))
+    entry = "_backward_impl" if numerics == "peft" else "_forward_impl"
+    real = getattr(op_module, entry)
+    monkeypatch.setattr(op_module, entry, lambda *a: calls.append(1) or real(*a))
     csrc = sys.modules.get("adalora_kernels.kernels.csrc")
     if csrc is not None:
         real_call = csrc.layer_call
         monkeypatch.setattr(csrc, "layer_call", lambda *a: calls.append(1) or real_call(*a))
     ids = batch()["input_ids"]  # no labels: PEFT's own forward fails on labels for a model loaded for inference
     logits = fast(input_ids=ids).logits
+    if numerics == "peft":
+        assert torch.equal(logits, plain(input_ids=ids).logits)
+        logits.sum().backward()
     assert len(calls) == 4  # 2 layers × q, v
     fast.peft_config["default"].rank_pattern = None
     fast.save_pretrained(tmp_path)

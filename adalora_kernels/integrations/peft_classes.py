@@ -21,7 +21,7 @@ from ..modules.allocator import RankAllocator as DeviceAllocator
 from ..modules.allocator import _Triplet
 from ..modules.linear import is_conv1d
 from ..modules.orthogonal import orthogonal_regularization_of
-from ..ops import adalora_linear
+from ..ops import adalora_linear, adalora_linear_peft_order
 
 __all__ = ["AdaLoraLayer", "FusedAdaLoraModel", "FusedRankAllocator", "FusedSVDLinear"]
 
@@ -34,6 +34,12 @@ class FusedSVDLinear(SVDLinear):
     """PEFT's ``SVDLinear``, computing through ``adalora_kernels`` whenever that gives PEFT's result."""
 
     _ak_backend: str | None = None
+    _ak_numerics: str = "auto"
+
+    def peft_rounding(self, x: Tensor) -> bool:
+        """Whether the forward rounds as PEFT's (``accelerate_peft(numerics=...)``; ``auto``: on the CPU)."""
+        numerics = self._ak_numerics
+        return numerics == "peft" or (numerics == "auto" and x.device.type == "cpu")
 
     def fusable(self, x: Tensor, base: nn.Module | None = None) -> str:
         """The adapter the fused op can compute for ``x``, or ``""`` when PEFT's own forward must run
@@ -69,13 +75,19 @@ class FusedSVDLinear(SVDLinear):
         if not adapter:
             return super().forward(x, *args, **kwargs)
         P, lam, Q = self.lora_B[adapter], self.lora_E[adapter].view(-1), self.lora_A[adapter]
+        dropout = self.lora_dropout[adapter]
+        drop = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        if not drop and P.dtype == x.dtype and self.peft_rounding(x):
+            return adalora_linear_peft_order(
+                x, weight, base.bias, P, lam, Q, scaling=self.scaling[adapter], ranknum=self.ranknum[adapter],
+                scale=self._scale(adapter), backend=self._ak_backend,
+            )  # fmt: skip
         if P.dtype != x.dtype:  # PEFT keeps fp32 adapters beside a 16-bit base: compute them in x's dtype
             P, lam, Q = P.to(x.dtype), lam.to(x.dtype), Q.to(x.dtype)
-        dropout = self.lora_dropout[adapter]
-        drop = isinstance(dropout, nn.Dropout) and dropout.training
         return adalora_linear(
             x,
-            base.weight.T if self.fan_in_fan_out else base.weight,
+            weight,
             base.bias,
             P,
             lam,

@@ -20,7 +20,12 @@ from ..modules.linear import is_conv1d
 log = logging.getLogger("adalora_kernels")
 
 
-def accelerate_peft(peft_model: nn.Module, *, backend: str | None = None, verbose: bool = False) -> nn.Module:
+NUMERICS = ("auto", "peft", "fused")
+
+
+def accelerate_peft(
+    peft_model: nn.Module, *, backend: str | None = None, numerics: str = "auto", verbose: bool = False
+) -> nn.Module:
     """Accelerate a PEFT AdaLoRA model in place and return it (see the module docstring).
 
     Every ``SVDLinear`` over an ``nn.Linear`` or ``Conv1D`` runs the fused op whenever it can reproduce PEFT's
@@ -28,6 +33,11 @@ def accelerate_peft(peft_model: nn.Module, *, backend: str | None = None, verbos
     disabled adapter, an input dtype PEFT would cast); other adapter layers stay PEFT's. ``verbose`` prints
     how many layers are fused (the same line is logged at INFO). Validates everything before changing the
     model: a failed call leaves it as it was.
+
+    ``numerics``: how a forward without dropout rounds. ``"peft"``: as PEFT's (its rank-r GEMMs in its order,
+    the output PEFT's bit for bit where the GEMM library runs them the same way; the backward stays fused);
+    ``"fused"``: our kernels' rounding (fp32-accurate, not PEFT's bits, the fastest); ``"auto"``: ``"peft"`` on
+    the CPU, ``"fused"`` on GPUs. With dropout the masks are ours, so the fused kernels always run.
     """
     from peft.mixed_model import PeftMixedModel
     from peft.tuners.adalora import AdaLoraModel, SVDLinear
@@ -41,6 +51,8 @@ def accelerate_peft(peft_model: nn.Module, *, backend: str | None = None, verbos
         )
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend: expected a backend name or None, got {type(backend).__name__}")
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics: expected one of {NUMERICS}, got {numerics!r}")
     base_model = getattr(peft_model, "base_model", None)
     if not isinstance(base_model, AdaLoraModel):
         raise TypeError(
@@ -68,7 +80,7 @@ def accelerate_peft(peft_model: nn.Module, *, backend: str | None = None, verbos
         )  # fmt: skip
     for module in fused:
         module.__class__ = peft_classes.FusedSVDLinear
-        module._ak_backend = backend
+        module._ak_backend, module._ak_numerics = backend, numerics
     if allocator is not None:
         base_model.rankallocator = allocator
     base_model.__class__ = peft_classes.FusedAdaLoraModel

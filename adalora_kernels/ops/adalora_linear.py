@@ -137,6 +137,58 @@ class _EagerLinear(torch.autograd.Function):
         return _backward(ctx, grad_y)
 
 
+class _PeftOrderLinear(torch.autograd.Function):
+    """The forward rounded as PEFT's ``SVDLinear`` (no dropout): the base output first, then
+    ``((x @ (Q * λ)ᵀ) @ Pᵀ) * scaling / (ranknum + 1e-5)`` added, through the same ATen calls in the same order, so
+    the output is PEFT's to the last bit wherever PEFT's own calls give the same bits; ``t = x Qᵀ`` is computed
+    beside it for the backward, which is the backend's fused one (as ``_EagerLinear``'s)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, P, lam_eff, Q, lam, scaling, ranknum, backend):
+        x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
+        y = torch.nn.functional.linear(x2, weight, bias)
+        y += (x2 @ (Q * lam.view(-1, 1)).T @ P.T) * scaling / (ranknum + 1e-5)
+        t = x2 @ Q.T
+        seed = torch.zeros((), dtype=torch.int64)
+        ctx.save_for_backward(x, weight, P, lam_eff, Q, t, seed)
+        ctx.dropout_p, ctx.backend, ctx.eager, ctx.seed = 0.0, backend, True, 0
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return (*_backward(ctx, grad_y)[:6], None, None, None, None)
+
+
+def adalora_linear_peft_order(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    P: Tensor,
+    lam: Tensor,
+    Q: Tensor,
+    *,
+    scaling: float,
+    ranknum: Tensor,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """``adalora_linear`` without dropout, its forward rounded as PEFT's ``SVDLinear`` (``lam``: PEFT's ``lora_E``
+    as an (r,) vector, ``scaling`` and ``ranknum`` PEFT's own): the output equals PEFT's bit for bit where PEFT's
+    GEMMs run the same way, the gradients are the fused backward's (fp32 rounding of PEFT's). Its forward costs
+    PEFT's rank-r GEMMs and one more (t = x Qᵀ, kept for the backward); ``adalora_linear`` is the fast rounding.
+    ``scale``: ``scaling / (ranknum + 1e-5)`` where the caller knows it (saves reading ranknum from the device).
+    Under ``torch.compile`` it is ``adalora_linear``."""
+    _check_tensor_args(x=x, weight=weight, bias=bias, P=P, lam=lam, Q=Q, ranknum=ranknum)
+    if scale is None:
+        scale = float(scaling) / (float(ranknum.reshape(-1)[0]) + 1e-5)
+    if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+        return adalora_linear(x, weight, bias, P, lam, Q, scaling=scale, backend=backend)
+    _check_inputs(x, weight, bias, P, lam, Q, None, 0.0, scale)
+    name = resolve_backend(backend, x.device)
+    lam_eff = effective_lam(lam, None, scale)
+    return _PeftOrderLinear.apply(x, weight, bias, P, lam_eff, Q, lam.detach(), float(scaling), ranknum, name)
+
+
 def _check_tensor_args(**tensors) -> None:
     """Every tensor argument is a tensor (bias and rank_mask may be None), before anything reads them."""
     for name, value in tensors.items():

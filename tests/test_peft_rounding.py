@@ -17,7 +17,7 @@ import sys
 import pytest
 
 pytest.importorskip("peft")
-from adalora_kernels.kernels import unavailable_reason  # noqa: E402
+from adalora_kernels.kernels import unavailable_reason
 
 pytestmark = pytest.mark.skipif(
     unavailable_reason("csrc", __import__("torch").device("cpu")) is not None,

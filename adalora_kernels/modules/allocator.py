@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..kernels import check_backend_name
 from ..kernels.layout import FlatLayout
 from ..ops.sensitivity import mask_lams, sensitivity_update, threshold_keep, triplet_scores
 from . import sharded
@@ -42,6 +43,10 @@ def _refuse_unsupported_sharding(model: nn.Module | None, triplets: list[_Triple
                 )
 
 
+class MissingGradientError(RuntimeError, TypeError):
+    """``update_and_allocate`` found an adapter parameter without ``.grad`` (a ``TypeError`` too, as PEFT raises)."""
+
+
 def _find_triplets(model: nn.Module) -> list[_Triplet]:
     return [_Triplet(name, m.P, m.lam, m.Q, m) for name, m in model.named_modules() if isinstance(m, AdaLoRALinear)]
 
@@ -69,6 +74,7 @@ class RankAllocator:
         backend: str | None = None,
         triplets: list[_Triplet] | None = None,
     ) -> None:
+        check_backend_name(backend)
         self.triplets = triplets if triplets is not None else _find_triplets(model)
         _refuse_unsupported_sharding(model, self.triplets)
         if not self.triplets:
@@ -142,18 +148,33 @@ class RankAllocator:
 
     def reset_ipt(self) -> None:
         """Zero the sensitivity EMAs (PEFT allocates them lazily at zero)."""
+        self._scored = False  # whether the EMAs hold scores (an update since the last reset)
         if self._sharded:
             self._ema_ipt, self._ema_unc = sharded.zero_emas(self.triplets), sharded.zero_emas(self.triplets)
             return
         self._ema_ipt = self._layout.zeros()
         self._ema_unc = self._layout.zeros()
 
+    def _follow_params(self) -> None:
+        """Move the EMAs (and the mask) to the adapters' dtype and device after ``model.to(...)``, ``.half()`` and
+        the like: the allocator's state goes where the model went, as PEFT's dicts of tensors would have to."""
+        first = self.triplets[0].P
+        if self._sharded or (first.dtype == self._layout.dtype and first.device == self._layout.device):
+            return
+        self._layout = FlatLayout(self._layout.shapes, first.dtype, first.device)
+        self._ema_ipt = self._ema_ipt.to(device=first.device, dtype=first.dtype)
+        self._ema_unc = self._ema_unc.to(device=first.device, dtype=first.dtype)
+        if self._keep is not None:
+            self._keep = self._keep.to(first.device)
+
     def state_dict(self) -> dict:
+        self._follow_params()
         return {
             "ema_ipt": self._ema_ipt,
             "ema_unc": self._ema_unc,
             "keep": self._keep,
             "final": self._final,
+            "scored": self._scored,
             "names": [t.name for t in self.triplets],
         }
 
@@ -174,12 +195,14 @@ class RankAllocator:
         keep = state["keep"]
         if keep is not None and (not isinstance(keep, Tensor) or keep.shape != (self.init_bgt,)):
             raise ValueError(f"state['keep']: expected None or a bool tensor of {self.init_bgt} triplets")
+        self._follow_params()
         with torch.no_grad():
             for dst, src in ((self._ema_ipt, state["ema_ipt"]), (self._ema_unc, state["ema_unc"])):
                 for d, v in zip(dst, src) if self._sharded else ((dst, src),):
                     d.copy_(v)
         self._keep = None if state["keep"] is None else state["keep"].to(self.triplets[0].lam.device)
         self._final = False
+        self._scored = bool(state.get("scored", True))  # states saved before the flag: their EMAs are scores
         if state["final"]:
             self._freeze_pattern()
             self._mask_lams()
@@ -202,7 +225,7 @@ class RankAllocator:
             triple = []
             for label, p in (("P", t.P), ("lam", t.lam), ("Q", t.Q)):
                 if p.grad is None:
-                    raise RuntimeError(
+                    raise MissingGradientError(
                         f"RankAllocator.update_and_allocate: {t.name}.{label} has no .grad; call it after "
                         "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
                     )
@@ -213,19 +236,25 @@ class RankAllocator:
     def update_scores(self) -> Tensor:
         """Update Ī and Ū from the current parameters and gradients (one fused launch); return the triplet scores."""
         if self._sharded:
-            return sharded.sensitivity_update(
+            scores = sharded.sensitivity_update(
                 self.triplets, self._grads(), self._ema_ipt, self._ema_unc, self.beta1, self.beta2
             )
+            self._scored = True
+            return scores
         params = [(t.P, t.lam.view(-1), t.Q) for t in self.triplets]
         grads = [(g[0], g[1].view(-1), g[2]) for g in self._grads()]
-        return sensitivity_update(
+        self._follow_params()
+        scores = sensitivity_update(
             self._layout, params, grads, self._ema_ipt, self._ema_unc, self.beta1, self.beta2, self.backend
         )
+        self._scored = True
+        return scores
 
     def scores(self) -> Tensor:
         """The triplet scores of the EMAs as they stand."""
         if self._sharded:
             return sharded.triplet_scores(self.triplets, self._ema_ipt, self._ema_unc)
+        self._follow_params()
         return triplet_scores(self._layout, self._ema_ipt, self._ema_unc)
 
     def _mask(self, scores: Tensor, budget: int) -> None:
@@ -239,21 +268,24 @@ class RankAllocator:
             mask_lams([t.lam for t in self.triplets], self._keep, self.backend)
 
     def _freeze_pattern(self) -> None:
-        """Once: the last mask becomes the final pattern, and our layers take it as their rank_mask."""
-        self._final = True
-        offset = 0
-        for t in self.triplets:
-            r = t.lam.numel()
+        """The last mask becomes the final pattern, and our layers take it as their rank_mask: every layer's in one
+        op, the flag set after it, so an interrupt (KeyboardInterrupt) leaves the pattern taken everywhere or
+        nowhere, and taking it again is harmless."""
+        masks, parts = [], []
+        for t, part in zip(self.triplets, self._keep.split([t.lam.numel() for t in self.triplets])):
             if t.layer is not None:
-                t.layer.rank_mask.copy_(self._keep[offset : offset + r])
-            offset += r
+                masks.append(t.layer.rank_mask)
+                parts.append(part.to(t.layer.rank_mask.device))
+        if masks:
+            torch._foreach_copy_(masks, parts)
+        self._final = True
 
     def _unfreeze_pattern(self) -> None:
         """Back before the final step (a step that goes back in time): ranks are masked by λ again, as PEFT."""
-        self._final = False
         for t in self.triplets:
             if t.layer is not None:
                 t.layer.rank_mask.fill_(True)
+        self._final = False
 
     @torch.no_grad()
     def update_and_allocate(self, global_step: int) -> int:
@@ -268,6 +300,7 @@ class RankAllocator:
         if isinstance(global_step, bool) or not hasattr(global_step, "__index__") or global_step.__index__() < 0:
             raise ValueError(f"global_step: expected an int >= 0, got {global_step!r}")
         global_step = global_step.__index__()
+        self._follow_params()
         final_step = self.total_step - self.tfinal
         if global_step < final_step and self._final:
             self._unfreeze_pattern()
@@ -280,10 +313,21 @@ class RankAllocator:
             scores = self.update_scores()
             if mask_now:
                 self._mask(scores, budget)
-        elif repeated_final:  # the pattern stands (the EMAs were reset after it was taken)
+        elif repeated_final:  # the pattern stands (the EMAs were reset after it was taken): taken again
+            self._freeze_pattern()
             self._mask_lams()
+            if self._scored:  # a final step cut short before its reset
+                self.reset_ipt()
         elif global_step == final_step:  # the last scores, without an update of the EMAs (as PEFT)
-            self._keep = threshold_keep(self.scores(), self.init_bgt - budget)
+            if self._scored:
+                self._keep = threshold_keep(self.scores(), self.init_bgt - budget)
+            elif self._keep is None:  # zero EMAs would prune every rank; PEFT raises a KeyError there
+                raise RuntimeError(
+                    f"RankAllocator.update_and_allocate: step {global_step} is the final step (total_step - tfinal), "
+                    "but no sensitivity scores were ever computed and no mask taken: call update_and_allocate at "
+                    "every optimizer step from step 0, or restore the allocator's state_dict when resuming a run"
+                )
+            # (scores reset since the last mask, e.g. a restored final-phase state: that mask becomes the pattern)
             self._freeze_pattern()
             self._mask_lams()
             self.reset_ipt()

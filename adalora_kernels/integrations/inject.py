@@ -8,7 +8,7 @@ import re
 from torch import nn
 
 from ..modules import AdaLoRALinear
-from ..modules.linear import check_adapter_args, is_conv1d
+from ..modules.linear import check_adapter_args, is_conv1d, unfusable_reason
 
 
 def _matches(name: str, target_modules: str | list[str]) -> bool:
@@ -60,6 +60,12 @@ def inject_adalora(
             raise TypeError(
                 f"target_modules: {name} is a {type(module).__name__}; only nn.Linear and transformers' Conv1D "
                 "can take an AdaLoRA adapter"
+            )
+        reason = unfusable_reason(module)
+        if reason:
+            raise TypeError(
+                f"target_modules: {name}: {reason}; the adapter would replace that forward with F.linear of its "
+                "weight (use PEFT's AdaLoRA and accelerate_peft, which keeps such layers' own forward)"
             )
     model.requires_grad_(False)
     replaced = []

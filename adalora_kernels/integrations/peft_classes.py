@@ -19,7 +19,7 @@ from torch.nn.modules import module as _module_globals
 
 from ..modules.allocator import RankAllocator as DeviceAllocator
 from ..modules.allocator import _Triplet
-from ..modules.linear import is_conv1d
+from ..modules.linear import unfusable_reason
 from ..modules.orthogonal import orthogonal_regularization_of
 from ..ops import adalora_linear, adalora_linear_peft_order
 
@@ -53,8 +53,8 @@ class FusedSVDLinear(SVDLinear):
         base = base if base is not None else self.get_base_layer()
         if base._forward_hooks or base._forward_pre_hooks or _global_hooks():  # hooks must see the base layer run
             return ""
-        if not (isinstance(base, nn.Linear) or is_conv1d(base)) or x.dtype != base.weight.dtype:
-            return ""  # a replaced base layer, or an input PEFT would cast
+        if unfusable_reason(base) or x.dtype != base.weight.dtype:
+            return ""  # a base layer whose forward is not F.linear of its weight, or an input PEFT would cast
         if not isinstance(self.lora_dropout[active[0]], (nn.Dropout, nn.Identity)):
             return ""
         return active[0]

@@ -15,7 +15,8 @@ import warnings
 
 from torch import nn
 
-from ..modules.linear import is_conv1d
+from ..kernels import check_backend_name
+from ..modules.linear import unfusable_reason
 
 log = logging.getLogger("adalora_kernels")
 
@@ -49,8 +50,7 @@ def accelerate_peft(
             "peft_model: a PeftMixedModel mixes adapter types, which accelerate_peft does not fuse; build the "
             "AdaLoRA model with peft.get_peft_model(model, AdaLoraConfig(...)) (one adapter type) instead"
         )
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend: expected a backend name or None, got {type(backend).__name__}")
+    check_backend_name(backend)
     if numerics not in NUMERICS:
         raise ValueError(f"numerics: expected one of {NUMERICS}, got {numerics!r}")
     base_model = getattr(peft_model, "base_model", None)
@@ -66,10 +66,12 @@ def accelerate_peft(
         if not isinstance(module, peft_classes.AdaLoraLayer):
             continue
         layer_base = module.get_base_layer()
-        if type(module) is SVDLinear and (isinstance(layer_base, nn.Linear) or is_conv1d(layer_base)):
+        reason = unfusable_reason(layer_base)
+        if type(module) is SVDLinear and not reason:
             fused.append(module)
         else:
-            skipped.append(f"{name} ({type(module).__name__} over {type(layer_base).__name__})")
+            why = f": {reason}" if type(module) is SVDLinear else ""
+            skipped.append(f"{name} ({type(module).__name__} over {type(layer_base).__name__}{why})")
     allocator = None
     trainable = getattr(base_model, "trainable_adapter_name", None)
     if trainable is not None and not base_model.peft_config[trainable].inference_mode:

@@ -49,6 +49,17 @@ def backend_names() -> list[str]:
     return list(_MODULES)
 
 
+def check_backend_name(backend: str | None) -> None:
+    """``backend`` is ``None``, ``"auto"`` or a registered name (whether it can run is found when it runs): a
+    misspelt name is refused where it is given, before any layer is built or swapped."""
+    if backend is None:
+        return
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a backend name or None, got {type(backend).__name__}")
+    if backend != "auto" and backend not in _MODULES:
+        raise ValueError(f"backend: unknown backend {backend!r}; expected None, 'auto' or one of {backend_names()}")
+
+
 def _import(name: str) -> ModuleType | str:
     if name not in _LOADED:
         try:

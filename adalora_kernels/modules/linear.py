@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import check_backend_name
 from ..ops import adalora_linear
 from ..reference import effective_lam, peft_scaling
 
@@ -20,8 +21,7 @@ def check_adapter_args(init_r, lora_alpha, lora_dropout, backend) -> None:
         raise ValueError(f"lora_alpha: expected a finite number, got {lora_alpha!r}")
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout: expected a float in [0, 1), got {lora_dropout!r}")
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend: expected a backend name or None, got {type(backend).__name__}")
+    check_backend_name(backend)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -29,6 +29,22 @@ def is_conv1d(module: nn.Module) -> bool:
     return (
         type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2
     )
+
+
+def unfusable_reason(module: nn.Module) -> str:
+    """Why the fused op cannot stand in for ``module``'s own forward, or ``""`` when it can: an ``nn.Linear`` or
+    transformers' ``Conv1D`` whose class keeps that forward. Decided by class, never by dtypes: a subclass that
+    overrides ``forward`` (a scaled layer, bitsandbytes' ``Linear8bitLt`` / ``Linear4bit``) computes something
+    else than ``F.linear`` with its weight."""
+    cls = type(module)
+    if isinstance(module, nn.Linear):
+        return "" if cls.forward is nn.Linear.forward else f"{cls.__name__} overrides nn.Linear.forward"
+    if is_conv1d(module):
+        own = next(k for k in cls.__mro__ if k.__name__ == "Conv1D")
+        if own.__module__ != "transformers.pytorch_utils":
+            return f"{cls.__name__} is not transformers' Conv1D"
+        return "" if cls.forward is own.forward else f"{cls.__name__} overrides Conv1D.forward"
+    return f"{cls.__name__} is neither an nn.Linear nor transformers' Conv1D"
 
 
 class AdaLoRALinear(nn.Module):
@@ -77,6 +93,9 @@ class AdaLoRALinear(nn.Module):
         check_adapter_args(init_r, lora_alpha, lora_dropout, backend)
         if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
             raise TypeError(f"linear: expected an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
+        reason = unfusable_reason(linear)
+        if reason:
+            raise TypeError(f"linear: {reason}; the adapter would replace that forward with F.linear of its weight")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         if isinstance(linear, nn.Linear):

@@ -13,9 +13,26 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def generator_seed(seed: int, device: torch.device) -> int:
+    """The seed handed to torch's generator for dropout seed ``seed``. The CPU generator (mt19937) keeps only the
+    low 32 bits of its seed, so there all 64 bits are mixed first (splitmix64's finaliser, then the halves
+    folded): seeds that differ only in their high bits draw different masks (two seeds still share one with
+    probability 2⁻³²). CUDA's Philox generator takes the 64-bit seed as it is."""
+    if device.type != "cpu":
+        return seed
+    z = seed & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z ^ (z >> 32)) & 0xFFFFFFFF
+
+
 def _uniform(shape, seed: int, device: torch.device) -> Tensor:
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(generator_seed(seed, device))
     return torch.rand(shape, generator=gen, device=device)
 
 

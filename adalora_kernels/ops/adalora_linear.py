@@ -316,7 +316,10 @@ def _seed_tensor(seed: int | Tensor | None) -> Tensor:
             raise ValueError(
                 f"seed: expected an int or a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}"
             )
-        return seed.reshape(()).cpu()
+        seed = seed.reshape(()).cpu()
+        if int(seed) < 0:  # (every backend reads a negative seed as "draw one")
+            raise ValueError(f"seed: expected a value in [0, 2**63), got {int(seed)}")
+        return seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_BOUND:
         raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
     return torch.tensor(seed, dtype=torch.int64)

@@ -158,10 +158,16 @@ def test_a_failed_save_into_a_new_folder_leaves_no_folder(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+def _weights(folder):
+    """The weights file of a checkpoint folder (named by its digest)."""
+    (path,) = folder.glob("adalora-*.safetensors")
+    return path
+
+
 def test_a_config_from_another_save_is_refused(tmp_path):
     save_adalora(_model(0), tmp_path / "a")
     save_adalora(_model(1), tmp_path / "b")
-    (tmp_path / "a" / "adalora.safetensors").write_bytes((tmp_path / "b" / "adalora.safetensors").read_bytes())
+    _weights(tmp_path / "a").write_bytes(_weights(tmp_path / "b").read_bytes())
     fresh = _model(2)
     state = _state(fresh)
     with pytest.raises(ValueError, match="is not the file its config was saved with"):
@@ -173,8 +179,8 @@ def test_a_config_from_another_save_is_refused(tmp_path):
     ("damage", "message"),
     [
         (lambda d: (d / "adalora_config.json").write_text("{not json"), "is not valid JSON"),
-        (lambda d: (d / "adalora.safetensors").write_bytes(b"garbage"), "is not the file its config"),
-        (lambda d: (d / "adalora.safetensors").unlink(), "has no adalora.safetensors"),
+        (lambda d: _weights(d).write_bytes(b"garbage"), "is not the file its config"),
+        (lambda d: _weights(d).unlink(), r"has no adalora-\w+\.safetensors"),
         (lambda d: (d / "adalora_config.json").unlink(), "has no adalora_config.json"),
     ],
 )

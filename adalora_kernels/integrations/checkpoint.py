@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from ..modules import AdaLoRALinear
-from ..modules.linear import is_conv1d
+from ..modules.linear import check_adapter_args, is_conv1d, unfusable_reason
 from .inject import inject_adalora
 
 CONFIG_NAME, WEIGHTS_NAME = "adalora_config.json", "adalora.safetensors"
@@ -43,42 +44,109 @@ def _uniform(layers: dict[str, AdaLoRALinear], attr: str):
     return values.pop()
 
 
+class _Files:
+    """Every file operation a save makes, in one place (the tests interrupt a save at each of them in turn)."""
+
+    @staticmethod
+    def write(path: Path, data: bytes) -> None:
+        with open(path, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def replace(src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        os.remove(path)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the folder's renames durable (best effort: not every filesystem lets a folder be synced)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
-def _staged(folder: Path, last: str) -> Iterator[Path]:
-    """A temporary folder beside ``folder`` to write the files of a checkpoint into; on success each is moved
-    into ``folder`` (``os.replace``; ``last``, the config, after the others), on any failure nothing in
-    ``folder`` changes and the temporary folder is removed."""
+def _target_folder(path: str | Path) -> Iterator[Path]:
+    """The folder a checkpoint goes into, made where missing; the folders made here are removed again when the
+    save fails before its end. Every file of a save is written inside this folder (never beside it), so a
+    symlink to another filesystem, a mount point or a read-only parent folder work as plain folders do."""
+    folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"path: {folder} exists and is not a folder")
-    created = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]  # made here, removed on failure
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        yield stage
-        folder.mkdir(exist_ok=True)
-        for name in sorted(os.listdir(stage), key=lambda n: n == last):
-            os.replace(stage / name, folder / name)
+        yield folder
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        for path in created:  # innermost first
+        for made in created:  # innermost first
             with contextlib.suppress(OSError):
-                path.rmdir()
+                made.rmdir()
         raise
-    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_replacing(folder: Path, name: str, data: bytes) -> None:
+    """``folder/name`` holds ``data`` or what it held before, never a part: a temporary file in the same folder,
+    written and synced, then renamed over it (atomic on POSIX filesystems)."""
+    tmp = folder / f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        _Files.write(tmp, data)
+        _Files.replace(tmp, folder / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _commit(folder: Path, files: dict[str, bytes], config_name: str, config: bytes) -> None:
+    """Write ``files`` (names that no earlier save of other content used) and then ``config``, the one file that
+    says which of them make the checkpoint: until its rename the folder's config names the previous files, which
+    stay untouched, and after it the new ones. Files the new config no longer needs are removed last."""
+    written = []
+    try:
+        for name, data in files.items():
+            existed = (folder / name).exists()
+            _write_replacing(folder, name, data)
+            if not existed:
+                written.append(name)
+        _write_replacing(folder, config_name, config)
+    except BaseException:
+        for name in written:  # the previous config does not name them
+            with contextlib.suppress(OSError):
+                os.remove(folder / name)
+        raise
+    _sync_folder(folder)
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def save_adalora(model: nn.Module, path: str | Path, *, resize: bool = False) -> Path:
-    """Write the adapters of ``model`` to the folder ``path``; ``resize`` drops pruned ranks. The files are
-    written to a temporary folder first and moved into place at the end, so a failed save leaves an earlier
-    checkpoint there as it was; the config records the weights' digest, so a mismatched pair is refused."""
-    from safetensors.torch import save_file
+def _weights_file(folder: Path, config: dict) -> Path:
+    """The weights file a config names (checkpoints before content-named weights: ``adalora.safetensors``)."""
+    name = config.get("weights", WEIGHTS_NAME)
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+        raise ValueError(f"path: {folder / CONFIG_NAME} names no weights file of its folder ({name!r})")
+    return folder / name
 
-    folder = Path(path)
-    tensors, config = {}, {"format": "adalora_kernels", "version": 1, "resized": resize, "layers": {}}
+
+def save_adalora(model: nn.Module, path: str | Path, *, resize: bool = False) -> Path:
+    """Write the adapters of ``model`` to the folder ``path``; ``resize`` drops pruned ranks.
+
+    Atomic: the weights go to a file named by their digest (``adalora-<sha256>.safetensors``) beside the
+    previous checkpoint's, then the config that names them replaces the previous config in one rename, then the
+    previous weights are removed. A save interrupted at any point leaves the previous checkpoint loadable (or the
+    new one, once the config is in place), never a mix; the config records the weights' digest too."""
+    from safetensors.torch import save
+
+    tensors, config = {}, {"format": "adalora_kernels", "version": 2, "resized": resize, "layers": {}}
     for name, m in _layers(model).items():
         keep = m.rank_mask if resize else torch.ones_like(m.rank_mask)
         tensors[f"{name}.P"] = m.P[:, keep].contiguous()
@@ -89,10 +157,17 @@ def save_adalora(model: nn.Module, path: str | Path, *, resize: bool = False) ->
             "init_r": m.init_r, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
             "rank_pattern": m.rank_mask.tolist(),
         }  # fmt: skip
-    with _staged(folder, last=CONFIG_NAME) as stage:
-        save_file({k: v.detach().cpu() for k, v in tensors.items()}, stage / WEIGHTS_NAME)
-        config["weights_sha256"] = _digest(stage / WEIGHTS_NAME)
-        (stage / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+    data = save({k: v.detach().cpu() for k, v in tensors.items()})
+    digest = hashlib.sha256(data).hexdigest()
+    weights = f"adalora-{digest[:16]}.safetensors"
+    config["weights"], config["weights_sha256"] = weights, digest
+    text = json.dumps(config, indent=1).encode()
+    with _target_folder(path) as folder:
+        _commit(folder, {weights: data}, CONFIG_NAME, text)
+    for old in [*folder.glob("adalora-*.safetensors"), folder / WEIGHTS_NAME]:  # the previous checkpoint's
+        if old.name != weights and old.exists():
+            with contextlib.suppress(OSError):
+                _Files.remove(old)
     return folder
 
 
@@ -123,11 +198,33 @@ def _dims(module: nn.Module, name: str) -> tuple[int, int]:
     """(out, in) of a layer that is, or can take, an adapter."""
     if isinstance(module, AdaLoRALinear):
         return module.out_features, module.in_features
+    if not isinstance(module, nn.Linear) and not is_conv1d(module):
+        raise TypeError(
+            f"{name}: is a {type(module).__name__}; only nn.Linear and transformers' Conv1D take an adapter"
+        )
+    reason = unfusable_reason(module)
+    if reason:
+        raise TypeError(f"{name}: {reason}; an adapter would replace that forward with F.linear of its weight")
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
-    if is_conv1d(module):
-        return module.weight.shape[1], module.weight.shape[0]
-    raise TypeError(f"{name}: is a {type(module).__name__}; only nn.Linear and transformers' Conv1D take an adapter")
+    return module.weight.shape[1], module.weight.shape[0]
+
+
+_SPEC_KEYS = ("init_r", "lora_alpha", "lora_dropout", "rank_pattern")
+
+
+def _check_spec(name: str, spec, backend: str | None) -> None:
+    """One layer's entry of a checkpoint config, checked before any layer changes (a damaged or hand-edited
+    config fails here, naming the layer, not half-way through the load)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{name}: the checkpoint's config entry is a {type(spec).__name__}, expected an object")
+    missing = [k for k in _SPEC_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f"{name}: the checkpoint's config entry lacks {missing}")
+    try:
+        check_adapter_args(spec["init_r"], spec["lora_alpha"], spec["lora_dropout"], backend)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: the checkpoint's config entry is invalid: {exc}") from None
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -156,14 +253,14 @@ def load_adalora(model: nn.Module, path: str | Path, *, backend: str | None = No
     config = _read_json(folder / CONFIG_NAME, "an adalora_kernels checkpoint")
     if config.get("format") != "adalora_kernels" or not isinstance(config.get("layers"), dict):
         raise ValueError(f"path: {folder / CONFIG_NAME} is not an adalora_kernels checkpoint config")
+    weights = _weights_file(folder, config)
     digest = config.get("weights_sha256")
-    if digest is not None and (folder / WEIGHTS_NAME).exists() and _digest(folder / WEIGHTS_NAME) != digest:
-        raise ValueError(
-            f"path: {folder / WEIGHTS_NAME} is not the file its config was saved with (an interrupted save?)"
-        )
-    tensors = _read_tensors(folder / WEIGHTS_NAME)
+    if digest is not None and weights.exists() and _digest(weights) != digest:
+        raise ValueError(f"path: {weights} is not the file its config was saved with (an interrupted save?)")
+    tensors = _read_tensors(weights)
     plan = []
     for name, spec in config["layers"].items():
+        _check_spec(name, spec, backend)
         module = _submodule(model, name)
         out_f, in_f = _dims(module, name)
         pattern = spec.get("rank_pattern")
@@ -207,10 +304,11 @@ def _copy(module: AdaLoRALinear, P, lam, Q, rank_mask=None) -> None:
 
 def export_peft(model: nn.Module, path: str | Path, *, base_model_name_or_path: str | None = None,
                 task_type: str | None = None) -> Path:  # fmt: skip
-    """Write a PEFT AdaLoRA adapter folder that plain ``PeftModel.from_pretrained(base, path)`` loads offline
-    (written to a temporary folder first, moved into place at the end)."""
+    """Write a PEFT AdaLoRA adapter folder that plain ``PeftModel.from_pretrained(base, path)`` loads offline.
+    Each file is replaced whole (written beside it, then renamed), the weights before the config; PEFT's file
+    names are fixed, so an interrupt between the two renames leaves new weights beside the old config."""
     import peft
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     layers = _layers(model)
     init_r = _uniform(layers, "init_r")
@@ -227,11 +325,15 @@ def export_peft(model: nn.Module, path: str | Path, *, base_model_name_or_path: 
         fan_in_fan_out=_uniform(layers, "fan_in_fan_out"), rank_pattern=pattern,
         base_model_name_or_path=base_model_name_or_path, task_type=task_type,
     )  # fmt: skip
-    folder = Path(path)
-    with _staged(folder, last=PEFT_CONFIG_NAME) as stage:
-        cfg.save_pretrained(str(stage))
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, stage / PEFT_WEIGHTS_NAME,
-                  metadata={"format": "pt"})  # fmt: skip
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    with _target_folder(path) as folder:
+        scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))  # PEFT writes its config as it likes
+        try:
+            cfg.save_pretrained(str(scratch))
+            text = (scratch / PEFT_CONFIG_NAME).read_bytes()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        _commit(folder, {PEFT_WEIGHTS_NAME: data}, PEFT_CONFIG_NAME, text)
     return folder
 
 
@@ -253,6 +355,7 @@ def import_peft(model: nn.Module, path: str | Path, *, backend: str | None = Non
     keys = {k[len(_PREFIX) :]: v for k, v in tensors.items()}
     names = sorted(k[: -len(".lora_A")] for k in keys if k.endswith(".lora_A"))
     pattern = cfg.get("rank_pattern") or {}
+    _check_spec("adapter_config.json", {"rank_pattern": None, **cfg}, backend)
     init_r = cfg["init_r"]
     plan = []
     for name in names:

@@ -13,6 +13,7 @@ taken between variants measured side by side in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -82,8 +83,15 @@ def _device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid: cpu, cuda, cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid: cpu, cuda, cuda:N")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: the CPU has no index; valid: cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("device 'cuda' asked for, but torch sees no CUDA device; valid here: cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}: torch sees {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 
@@ -273,25 +281,53 @@ def _same_case(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
+class OutputError(Exception):
+    """An output file could not be written after the run (the outputs of the run are all removed then)."""
+
+
+def _write_outputs(writers: list[tuple[str, callable]]) -> None:
+    """Write every ``(path, write)``; where one fails, remove those written before it (all or none of a run's
+    outputs exist) and raise ``OutputError`` naming the file."""
+    done = []
+    for path, write in writers:
+        try:
+            write(path)
+        except (OSError, ValueError) as exc:
+            for other in [*done, path]:
+                with contextlib.suppress(OSError):
+                    os.remove(other)
+            raise OutputError(f"{path}: could not be written ({exc})") from None
+        done.append(path)
+    if done:
+        print(f"wrote {', '.join(done)}")
+
+
+def _json_writer(result: dict):
+    def write(path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    return write
+
+
 def _finish(args, rows: list[dict], command: str) -> dict:
     result = {**bm.environment(args.device), "command": " ".join(["adalora-kernels", *sys.argv[1:]]), "rows": rows}
     _print_table(rows, command, result["device"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.csv:
+
+    def write_csv(path: str) -> None:
         keys = sorted({k for row in rows for k in row})
-        with open(args.csv, "w", newline="") as f:
+        with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)
-    if args.plot:
+
+    def write_plot(path: str) -> None:
         from .plots import plot_rows
 
-        plot_rows(rows, command, args.plot, title=f"{command} on {result['device']}")
-    written = [path for path in (args.json, args.csv, args.plot) if path]
-    if written:
-        print(f"wrote {', '.join(written)}")
+        plot_rows(rows, command, path, title=f"{command} on {result['device']}")
+
+    writers = [(args.json, _json_writer(result)), (args.csv, write_csv), (args.plot, write_plot)]
+    _write_outputs([(path, write) for path, write in writers if path])
     return result
 
 
@@ -341,8 +377,7 @@ def run_train(args) -> dict:
         args.steps = 60
     result = {**bm.environment(torch.device("cpu")), **run(args)}  # train runs on the CPU
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        _write_outputs([(args.json, _json_writer(result))])
     return result
 
 
@@ -350,13 +385,18 @@ def _check_output(parser: argparse.ArgumentParser, flag: str, path: str | None, 
     """An output file that cannot be written fails now, before the run, not after it."""
     if path is None:
         return
+    if not path.strip():
+        parser.error(f"{flag}: expected a file path, got {path!r}")
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith((os.sep, "/")) or os.path.basename(path) in (".", ".."):
         parser.error(f"{flag}: {path} is a folder, expected a file path")
     if not os.path.isdir(folder):
         parser.error(f"{flag}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         parser.error(f"{flag}: {path} is not writable")
+    name_max = os.pathconf(folder, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    if len(os.fsencode(os.path.basename(path))) > name_max:
+        parser.error(f"{flag}: the file name is longer than the {name_max} bytes {folder} allows")
     if plot:
         try:
             from matplotlib.figure import Figure
@@ -373,22 +413,30 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """What no single argument's type can say, before any work."""
     if args.command == "train" and args.target_r > args.init_r:
         parser.error(f"--target-r: expected 0 <= target_r <= init_r ({args.init_r}), got {args.target_r}")
-    _check_output(parser, "--json", args.json)
-    _check_output(parser, "--csv", getattr(args, "csv", None))
-    _check_output(parser, "--plot", args.plot, plot=True)
+    outputs = {"--json": args.json, "--csv": getattr(args, "csv", None), "--plot": args.plot}
+    for flag, path in outputs.items():
+        _check_output(parser, flag, path, plot=flag == "--plot")
+    seen: dict[str, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            parser.error(f"{flag}: {path} is also the {seen[real]} file; give each output its own file")
+        seen[real] = flag
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    if args.command == "train":
-        run_train(args)
-        return 0
-    _resolve(args)
     try:
+        if args.command == "train":
+            run_train(args)
+            return 0
+        _resolve(args)
         (run_bench if args.command == "bench" else run_memory)(args)
-    except MemoryError as exc:
+    except (MemoryError, OutputError) as exc:
         print(f"adalora-kernels: {exc}", file=sys.stderr)
         return 2
     return 0

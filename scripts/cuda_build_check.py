@@ -87,31 +87,18 @@ def torch_cuda_version(root: Path) -> str:
     return re.search(r"^cuda\s*(: [^=]*)?=\s*'([0-9.]+)'", (root / "torch/version.py").read_text(), re.M).group(2)
 
 
-def _nvcc_version(nvcc: Path) -> str | None:
-    try:
-        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    match = re.search(r"release (\d+\.\d+)", out)
-    return match.group(1) if match else None
-
-
 def find_cuda_home(cuda_version: str) -> Path:
-    """``$CUDA_HOME``, else the toolkit under /usr/local whose nvcc is of torch's CUDA major version."""
-    if os.environ.get("CUDA_HOME"):
-        home = Path(os.environ["CUDA_HOME"])
-    else:
-        candidates = [*sorted(Path("/usr/local").glob("cuda-*"), reverse=True), Path("/usr/local/cuda")]
-        major = cuda_version.split(".")[0]
-        matching = [c for c in candidates if (_nvcc_version(c / "bin/nvcc") or "").split(".")[0] == major]
-        if not matching:
-            raise SystemExit(f"no CUDA {major} toolkit under /usr/local (torch is built for CUDA {cuda_version}); "
-                             "set CUDA_HOME to the toolkit's folder")  # fmt: skip
-        home = matching[0]
-    for need in ("bin/nvcc", "include/cuda_runtime_api.h"):
-        if not (home / need).exists():
-            raise SystemExit(f"CUDA_HOME={home}: {need} not found; point CUDA_HOME at the toolkit's own folder")
-    return home
+    """The toolkit ``setup.py`` builds with (``$CUDA_HOME``, else the one under /usr/local of torch's CUDA major
+    version), or exit saying what to set."""
+    home = _setup_module().find_cuda_home(cuda_version)
+    if home is None:
+        given = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        if given:
+            raise SystemExit(f"CUDA_HOME={given}: no bin/nvcc and include/cuda_runtime_api.h there; point CUDA_HOME "
+                             "at the toolkit's own folder")  # fmt: skip
+        raise SystemExit(f"no CUDA {cuda_version.split('.')[0]} toolkit under /usr/local (torch is built for CUDA "
+                         f"{cuda_version}); set CUDA_HOME to the toolkit's folder")  # fmt: skip
+    return Path(home)
 
 
 def build_commands(torch_root: Path, cuda_home: Path, build: Path) -> tuple[list[list[str]], list[str]]:

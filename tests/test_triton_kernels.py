@@ -145,3 +145,21 @@ def test_tiles_are_pruned_to_fit_shared_memory(monkeypatch):
     monkeypatch.setattr(config, "autotune_enabled", lambda: True)
     assert config.prune_by_shared_memory([big, small], args16, BLOCK_R=128) == [big, small]
     assert config.prune_by_shared_memory([big], args64, BLOCK_R=128) == [big]  # none fits: the least hungry
+
+
+def test_the_interpreter_shim_is_applied_where_triton_needs_it(monkeypatch):
+    """Triton < 3.8 under NumPy >= 2.4 fails every interpreted scalar index (triton-lang/triton#9171): the shim
+    is applied exactly there, and the interpreter tier above runs through it on such versions (CI's version leg)."""
+    import numpy
+    import triton
+
+    from adalora_kernels.kernels.triton import interpreter_compat
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for triton_version, numpy_version, needed in [("3.6.0", "2.4.6", True), ("3.8.0", "2.4.6", False),
+                                                  ("3.6.0", "2.3.1", False), ("3.9.0", "2.5.0", False)]:  # fmt: skip
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        assert interpreter_compat.needed() is needed, (triton_version, numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not interpreter_compat.needed()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..torch_composite import triplet_scores
-from .adalora_linear import dropout_keep_mask, linear_backward, linear_forward
-from .config import INTERPRET
-from .sensitivity import mask_lams, sensitivity_update
+from . import interpreter_compat
+
+interpreter_compat.install()  # before any kernel runs under the interpreter
+
+from ..torch_composite import triplet_scores  # noqa: E402
+from .adalora_linear import dropout_keep_mask, linear_backward, linear_forward  # noqa: E402
+from .config import INTERPRET  # noqa: E402
+from .sensitivity import mask_lams, sensitivity_update  # noqa: E402
 
 __all__ = [
     "dropout_keep_mask",

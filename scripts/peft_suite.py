@@ -111,8 +111,7 @@ def run(python: str, src: Path, accelerate: bool, isa: str | None, select: str, 
     env = {**os.environ, **OFFLINE, "ADALORA_SUITE_ACCELERATE": "1" if accelerate else "0",
            "ADALORA_SUITE_REPORT": str(report), "PYTHONPATH": f"{ROOT / 'scripts'}{os.pathsep}{ROOT}"}  # fmt: skip
     env.pop("TRITON_INTERPRET", None)
-    env.pop("ADALORA_KERNELS_CPU_ISA", None)
-    if isa is not None:
+    if isa is not None:  # (None: the caller's choice, or the widest the CPU runs)
         env["ADALORA_KERNELS_CPU_ISA"] = isa
     cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "peft_suite_plugin", "-o", "addopts=",
            "-k", select, *(f"tests/{f}" for f in FILES)]  # fmt: skip

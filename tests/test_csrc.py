@@ -1,5 +1,6 @@
 """The native (csrc) backend: its TORCH_CHECKs and its dropout mask (the maths is in the shared tests)."""
 
+import json
 import math
 import os
 import subprocess
@@ -124,3 +125,19 @@ def test_unknown_instruction_set_is_refused():
     assert (
         done.returncode != 0 and "ADALORA_KERNELS_CPU_ISA: expected baseline, avx2 or avx512, got 'avx3'" in done.stderr
     )
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_op_raises_on_bad_input_and_never_crashes(device):
+    """A failed check in the extension is a Python exception, on every op and build (a CUDA-built extension called
+    with CPU tensors in CI's version leg, with CUDA tensors on a GPU), never a signal: in a fresh process, with
+    faulthandler on, so a crash is this test's failure and its traceback, not the end of the run."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join([tests, os.path.dirname(tests), *filter(None, [os.environ.get("PYTHONPATH")])])
+    worker = [sys.executable, "-X", "faulthandler", os.path.join(tests, "csrc_checks_worker.py"), device]
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run(worker, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode} (a negative one is a signal):\n{done.stderr[-4000:]}"
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for op, what in results.items():
+        assert what.startswith(("RuntimeError", "ValueError", "TypeError", "IndexError")), (op, what)

@@ -308,6 +308,13 @@ def time_backend_ms(name: str, key: tuple, device: torch.device, reps: int = 5) 
     return sorted(times)[len(times) // 2]
 
 
+def _shape_reason(name: str, device: torch.device, r: int) -> str | None:
+    """Why backend ``name`` cannot run rank ``r`` on ``device`` (a backend's own ``shape_reason``), or ``None``:
+    auto never times a backend on a shape its checks would reject."""
+    check = getattr(get_backend(name, device), "shape_reason", None)
+    return check(device, r) if check is not None else None
+
+
 def _seed_tensor(seed: int | Tensor | None) -> Tensor:
     if seed is None:
         return torch.randint(0, 2**62, (), dtype=torch.int64)
@@ -368,10 +375,12 @@ def adalora_linear(
         )
     name = resolve_backend(backend, x.device)
     if eager and x.device.type == "cuda" and requested(backend) == "auto":
-        candidates = runnable(x.device)
+        candidates = [b for b in runnable(x.device) if _shape_reason(b, x.device, lam.shape[0]) is None]
         if len(candidates) > 1:
             key = auto_key(x, weight, bias, lam, p)
             name = measured_choice(key, candidates, lambda b: time_backend_ms(b, key, x.device))
+        elif candidates:
+            name = candidates[0]
     kernels = get_backend(name, x.device) if eager else None
     if eager and hasattr(kernels, "layer_call"):  # the whole call and its autograd in one native op
         seed_i = int(_seed_tensor(seed)) if seed is not None else (-1 if p > 0.0 else 0)

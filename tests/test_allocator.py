@@ -6,7 +6,7 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from helpers import CPU, runnable_backends  # noqa: E402
+from helpers import CPU, DEVICE, runnable_backends  # noqa: E402
 
 import adalora_kernels as ak  # noqa: E402
 
@@ -20,7 +20,9 @@ def _base():
     return m
 
 
-def build_pair(init_r, target_r, total_step, tinit, tfinal, deltaT, backend=None, beta1=0.85, beta2=0.85):
+def build_pair(init_r, target_r, total_step, tinit, tfinal, deltaT, backend=None, beta1=0.85, beta2=0.85,
+               device=CPU):  # fmt: skip
+    """PEFT's model (on the CPU) and ours with the same adapters (on ``device``), and our allocator."""
     cfg = peft.AdaLoraConfig(
         init_r=init_r, target_r=target_r, total_step=total_step, tinit=tinit, tfinal=tfinal, deltaT=deltaT,
         target_modules=NAMES, lora_alpha=8, beta1=beta1, beta2=beta2,
@@ -36,6 +38,7 @@ def build_pair(init_r, target_r, total_step, tinit, tfinal, deltaT, backend=None
             layer.lam.copy_(svd.lora_E["default"].view(-1))
             layer.Q.copy_(svd.lora_A["default"])
         setattr(ours, n, layer)
+    ours.to(device)
     alloc = ak.RankAllocator(
         ours, target_r=target_r, total_step=total_step, tinit=tinit, tfinal=tfinal, deltaT=deltaT,
         beta1=beta1, beta2=beta2, backend=backend,
@@ -54,13 +57,23 @@ def fake_step(pm, ours, gen, ties=False):
                 g = (g * 2).round() / 2
                 if our_p is layer.Q:
                     g[::2] = 0
-            peft_p.grad, our_p.grad = g.view(peft_p.shape).clone(), g.clone()
+            peft_p.grad, our_p.grad = g.view(peft_p.shape).clone(), g.to(our_p.device)
             with torch.no_grad():
                 peft_p.sub_(0.01 * peft_p.grad)
                 our_p.sub_(0.01 * our_p.grad)
             if ties:
                 with torch.no_grad():
                     peft_p.copy_(peft_p.round()), our_p.copy_(our_p.round())
+
+
+def fused_backends() -> list:
+    """(backend, device) of every fused allocator backend: the CPU's, and the test device's where it is a GPU
+    (the models are built there, so the Triton and csrc kernels are compared with the torch path on the GPU)."""
+    pairs = [pytest.param(b, CPU, id=f"{b}-cpu") for b in runnable_backends(CPU) if b != "torch"]
+    if DEVICE.type == "cuda":
+        pairs += [pytest.param(b, DEVICE, id=f"{b}-cuda", marks=pytest.mark.gpu) for b in runnable_backends(DEVICE)
+                  if b != "torch"]  # fmt: skip
+    return pairs
 
 
 def assert_same(pm, ours, alloc, step):
@@ -203,14 +216,15 @@ def _adapter_set(dtype, shapes=((16, 6, 24), (40, 6, 8), (3, 6, 130), (16, 6, 8)
     return params, grads
 
 
-@pytest.mark.parametrize("backend", [b for b in runnable_backends(CPU) if b != "torch"])
+@pytest.mark.parametrize("backend,device", fused_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_sensitivity_update_matches_torch(backend, dtype):
+def test_fused_sensitivity_update_matches_torch(backend, device, dtype):
     from adalora_kernels.kernels.layout import FlatLayout
     from adalora_kernels.ops.sensitivity import sensitivity_update
 
     params, grads = _adapter_set(dtype)
-    layout = FlatLayout([(P.shape[0], lam.numel(), Q.shape[1]) for P, lam, Q in params], dtype, torch.device("cpu"))
+    params, grads = ([tuple(t.to(device) for t in triple) for triple in ts] for ts in (params, grads))
+    layout = FlatLayout([(P.shape[0], lam.numel(), Q.shape[1]) for P, lam, Q in params], dtype, device)
     state = {b: (layout.zeros(), layout.zeros()) for b in ("torch", backend)}
     for _ in range(3):
         scores = {b: sensitivity_update(layout, params, grads, *state[b], 0.85, 0.7, backend=b) for b in state}
@@ -221,11 +235,11 @@ def test_fused_sensitivity_update_matches_torch(backend, dtype):
         grads = [tuple(g * 0.5 + 0.1 for g in t) for t in grads]
 
 
-@pytest.mark.parametrize("fused", [b for b in runnable_backends(CPU) if b != "torch"])
-def test_fused_allocator_run_matches_torch_run(fused):
+@pytest.mark.parametrize("fused,device", fused_backends())
+def test_fused_allocator_run_matches_torch_run(fused, device):
     runs = {}
     for backend in ("torch", fused):
-        pm, ours, alloc = build_pair(6, 2, 24, 2, 6, 2, backend=backend)
+        pm, ours, alloc = build_pair(6, 2, 24, 2, 6, 2, backend=backend, device=device)
         gen = torch.Generator().manual_seed(5)
         trace = []
         for step in range(27):

@@ -125,9 +125,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="fwd, bwd, fwd_bwd (default: all)")  # fmt: skip
     b.add_argument("--rounds", type=_POSITIVE, default=20, help="interleaved CPU rounds (default: 20)")
     b.add_argument("--no-allocator", action="store_true", help="skip the allocator_step and orth_reg rows")
-    b.add_argument(
-        "--graphs", action="store_true", help="CUDA: also time fwd+bwd as a CUDA-graph replay (no host overhead)"
-    )
+    b.add_argument("--graphs", action="store_true",
+                   help="CUDA: also time fwd+bwd as CUDA-graph replays, the GPU's time without the host's")  # fmt: skip
+    b.add_argument("--kernels", action="store_true",
+                   help="also profile each variant's fwd+bwd: every kernel's calls and µs (op: kernel)")  # fmt: skip
     m = sub.add_parser("memory", help="bytes saved for backward (and CUDA peak) across rank budgets")
     _common(m)
     m.add_argument("--rank", type=_POSITIVE, nargs="+", default=[4, 8, 16, 32, 64], help="init_r values")
@@ -199,6 +200,8 @@ def run_bench(args) -> dict:
                 progress.update(task, description=f"{mode} {tokens}×{in_f}×{out_f} r={r} p={p}")
                 rows += [{**row, **auto} for row in bm.timing_rows(case, mode, args.rounds, args.graphs)]
                 progress.advance(task)
+            if args.kernels:
+                rows += bm.kernel_table(case)
         if not args.no_allocator:
             progress.update(task, description="allocator step and orthogonal regulariser")
             rows += allocator_rows(args)
@@ -343,7 +346,7 @@ def _print_table(rows: list[dict], command: str, device: str) -> None:
     if command == "bench":
         cols = ["op", "variant", "shape", "r", "dropout", "ms", "÷ linear", "PEFT ÷", "PEFT-compiled ÷"]
         graphs = any("graph_ms" in row or "graph_error" in row for row in rows)
-        cols += ["graph ms", "graph ÷ linear"] if graphs else []
+        cols += ["graph ms", "graph ÷ linear", "graph PEFT ÷", "graph PEFT-c ÷", "host-bound ms"] if graphs else []
     else:
         cols = ["op", "variant", "shape", "r", "budget", "dropout", "MiB", "MiB beyond x", "PEFT ÷ ours"]
     for c in cols:
@@ -353,7 +356,7 @@ def _print_table(rows: list[dict], command: str, device: str) -> None:
     for variant, reason in unavailable.items():  # said once, above the table, not in a row per case
         console.print(f"[dim]{variant}: not measured here: {reason}[/dim]")
     for row in rows:
-        if "unavailable" in row:
+        if "unavailable" in row or row["op"] == "kernel":  # kernel rows: their own table
             continue
         shape = f"{row['tokens']}×{row['in']}×{row['out']}" if row["tokens"] else f"{row.get('layers')} layers"
         head = [row["op"], row["variant"], shape, str(row["r"])]
@@ -361,12 +364,33 @@ def _print_table(rows: list[dict], command: str, device: str) -> None:
             ratios = [_fmt(row, k) for k in ("slowdown_vs_linear", "speedup_vs_peft", "speedup_vs_peft_compiled")]
             if graphs:  # CUDA-graph replay: the GPU's share of the step
                 ratios += [_fmt(row, "graph_ms") or ("failed" if "graph_error" in row else ""),
-                           _fmt(row, "graph_slowdown_vs_linear")]  # fmt: skip
+                           *(_fmt(row, k) for k in ("graph_slowdown_vs_linear", "graph_speedup_vs_peft",
+                                                    "graph_speedup_vs_peft_compiled", "host_bound_ms"))]  # fmt: skip
             table.add_row(*head, str(row["dropout"]), _fmt(row, "ms"), *ratios)
         else:
             budget = str(row.get("budget_r", ""))
             mib = [_fmt(row, "bytes", ".2f", 2**20), _fmt(row, "bytes_beyond_x", ".3f", 2**20)]
             table.add_row(*head, budget, str(row["dropout"]), *mib, _fmt(row, "peft_over_ours_beyond_x", ".1f"))
+    console.print(table)
+    kernels = [row for row in rows if row["op"] == "kernel" and "kernel" in row]
+    if kernels:
+        _print_kernels(console, kernels)
+
+
+def _print_kernels(console, rows: list[dict], top: int = 8) -> None:
+    """Per variant and case, the kernels (CPU: ops) that took the most time in one fwd+bwd."""
+    from rich.table import Table
+
+    table = Table(title="where one fwd+bwd goes (profiler; µs per step)")
+    for c in ("variant", "shape", "dropout", "kernel", "calls", "µs", "µs/call"):
+        table.add_column(c, justify="left" if c in ("variant", "shape", "kernel") else "right")
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["variant"], row["tokens"], row["in"], row["out"], row["dropout"]), []).append(row)
+    for (variant, tokens, in_f, out_f, dropout), group in groups.items():
+        for row in sorted(group, key=lambda r: -r["total_us"])[:top]:
+            table.add_row(variant, f"{tokens}×{in_f}×{out_f}", str(dropout), row["kernel"][:60], f"{row['calls']:.0f}",
+                          f"{row['total_us']:.1f}", f"{row['mean_us']:.1f}")  # fmt: skip
     console.print(table)
 
 

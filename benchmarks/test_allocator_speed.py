@@ -6,6 +6,7 @@ import torch
 from conftest import DEVICE
 
 from adalora_kernels import benchmarking as bm
+from adalora_kernels.kernels import backend_names
 
 HIDDEN = 4096 if DEVICE.type == "cuda" else 512
 
@@ -16,7 +17,7 @@ def pair():
     return bm.allocator_pair(32, HIDDEN, int(HIDDEN * 2.6875), 12, torch.float32, DEVICE, backends)
 
 
-@pytest.mark.parametrize("variant", ["peft", *bm.backend_names()])
+@pytest.mark.parametrize("variant", ["peft", *backend_names()])
 def test_allocator_step(benchmark, pair, variant):
     pm, allocators = pair
     if variant == "peft":

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 
@@ -52,7 +53,7 @@ def test_bad_arguments_list_the_valid_ones(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(bm.torch.cuda.is_available(), reason="checks the CPU-only message")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_cuda_asked_without_cuda(capsys):
     with pytest.raises(SystemExit):
         make_parser().parse_args(["bench", "--device", "cuda"])
@@ -110,8 +111,8 @@ def test_tiny_memory_run(tmp_path):
 def test_interleaved_rounds_rotate_and_the_cpu_heap_is_recorded():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    bm.time_calls(fns, rounds=3, device=bm.torch.device("cpu"))
+    bm.time_calls(fns, rounds=3, device=torch.device("cpu"))
     # one warm-up round, then three; each starts one variant later, so none always follows another
     assert calls == list("abcbcacababc")
-    env = bm.environment(bm.torch.device("cpu"))
+    env = bm.environment(torch.device("cpu"))
     assert "cpu_heap" in env and env["cpu_heap"] == bm.steady_cpu_heap()

@@ -56,6 +56,7 @@ class AdaLoRALinear(nn.Module):
     """
 
     fan_in_fan_out = False
+    seed: int | None = None  # the dropout seed: None draws one per call; an int fixes the mask (CUDA graph capture)
 
     def __init__(
         self,
@@ -163,6 +164,7 @@ class AdaLoRALinear(nn.Module):
             rank_mask=self.rank_mask,
             dropout_p=self.lora_dropout,
             training=self.training,
+            seed=self.seed,
             backend=self.backend,
         )
 

@@ -5,6 +5,7 @@
   memory  bytes saved for backward (and CUDA peak) across rank budgets, per layer and for a LLaMA block
   train   AdaLoRA fine-tuning end to end with no download (pretrained MiniLM-L6 when installed), optionally
           side by side with PEFT
+  ledger  every launch of one fwd+bwd per route with its bytes, FLOPs and predicted time (no GPU needed)
 
 Results follow DESIGN §5: ``--json`` writes {device, torch, triton, commit, date, rows}; ratios are only
 taken between variants measured side by side in the same run.
@@ -23,6 +24,7 @@ import sys
 import torch
 
 from . import benchmarking as bm
+from .benchmarking.ledger import DEFAULT_CEILINGS, ROUTES, Shape, ledger_rows
 
 QUICK_BENCH = {"shapes": [(2048, 1024, 1024)], "rounds": 20, "modes": ["fwd_bwd"], "blocks": 32, "hidden": 128}
 QUICK_MEMORY = {"shapes": [(512, 256, 256)], "ranks": [4, 16, 64]}
@@ -117,7 +119,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adalora-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,memory,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,memory,train,ledger}")
     b = sub.add_parser("bench", help="time fwd/bwd/fwd+bwd against nn.Linear and PEFT; allocator and orth-reg steps")
     _common(b)
     b.add_argument("--rank", type=_POSITIVE, nargs="+", default=[12], help="adapter ranks (default: 12)")
@@ -129,6 +131,17 @@ def make_parser() -> argparse.ArgumentParser:
                    help="CUDA: also time fwd+bwd as CUDA-graph replays, the GPU's time without the host's")  # fmt: skip
     b.add_argument("--kernels", action="store_true",
                    help="also profile each variant's fwd+bwd: every kernel's calls and µs (op: kernel)")  # fmt: skip
+    led = sub.add_parser("ledger", help="each route's launches of one fwd+bwd: bytes, FLOPs, predicted µs (no GPU)")
+    led.add_argument(
+        "--shape", type=_parse_shape, default=(8192, 4096, 4096), help="tokens,in,out (default 8192,4096,4096)"
+    )
+    led.add_argument("--rank", type=_POSITIVE, default=16)
+    led.add_argument("--dtype", type=_choice("dtype", list(bm.DTYPES)), default="bfloat16")
+    led.add_argument("--dropout", type=_RATE, default=0.0)
+    led.add_argument("--routes", type=_choice("route", list(ROUTES)), nargs="+", default=list(ROUTES))
+    led.add_argument("--ceilings", metavar="FILE", help="JSON: gemm_tflops {dtype: rate}, copy_gbps, launch_us, sms")
+    led.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    led.add_argument("--plot", help=argparse.SUPPRESS)
     m = sub.add_parser("memory", help="bytes saved for backward (and CUDA peak) across rank budgets")
     _common(m)
     m.add_argument("--rank", type=_POSITIVE, nargs="+", default=[4, 8, 16, 32, 64], help="init_r values")
@@ -433,6 +446,51 @@ def _check_output(parser: argparse.ArgumentParser, flag: str, path: str | None, 
             parser.error(f"{flag}: unknown plot format {ext or '(none)'!r}; valid: {', '.join(sorted(formats))}")
 
 
+def _ceilings(parser: argparse.ArgumentParser, path: str | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        parser.error(f"--ceilings: {path} is not a readable JSON file ({exc})")
+    if not isinstance(data, dict) or not set(data) <= set(DEFAULT_CEILINGS):
+        parser.error(f"--ceilings: expected an object with keys among {sorted(DEFAULT_CEILINGS)}")
+    return data
+
+
+def run_ledger(args, ceilings: dict | None) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    tokens, in_f, out_f = args.shape
+    shape = Shape(tokens, in_f, out_f, args.rank, args.dtype, args.dropout)
+    rows = ledger_rows(shape, args.routes, ceilings)
+    table = Table(
+        title=f"traffic ledger: {tokens}×{in_f}×{out_f}, r = {args.rank}, {args.dtype}, dropout {args.dropout}"
+    )
+    for c in ("route", "phase", "kernel", "MiB read", "MiB written", "GFLOP", "predicted µs"):
+        table.add_column(c, justify="left" if c in ("route", "phase", "kernel") else "right")
+    for row in rows:
+        if row["op"] == "ledger":
+            mib = (f"{row['bytes_read'] / 2**20:.1f}", f"{row['bytes_written'] / 2**20:.1f}")
+            table.add_row(row["variant"], row["phase"], row["kernel"], *mib, f"{row['flops'] / 1e9:.2f}",
+                          f"{row['predicted_us']:.1f}")  # fmt: skip
+        else:
+            total = (f"{row['bytes'] / 2**20:.1f}", "", f"{row['flops'] / 1e9:.2f}", f"{row['predicted_ms'] * 1e3:.1f}")
+            table.add_row(row["variant"], "total", f"{row['launches']} launches", *total, end_section=True)
+    Console(width=max(Console().width, 120)).print(table)
+    for row in rows:
+        if row["op"] == "ledger_total":
+            print(f"{row['variant']:13s} predicted {row['predicted_ms']:.3f} ms, "
+                  f"{row['predicted_slowdown_vs_linear']:.3f}× the frozen layer")  # fmt: skip
+    command = " ".join(["adalora-kernels", *sys.argv[1:]])
+    result = {"command": command, "ceilings": {**DEFAULT_CEILINGS, **(ceilings or {})}, "rows": rows}
+    if args.json:
+        _write_outputs([(args.json, _json_writer(result))])
+    return result
+
+
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """What no single argument's type can say, before any work."""
     if args.command == "train" and args.target_r > args.init_r:
@@ -457,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             run_train(args)
+            return 0
+        if args.command == "ledger":
+            run_ledger(args, _ceilings(parser, args.ceilings))
             return 0
         _resolve(args)
         (run_bench if args.command == "bench" else run_memory)(args)

@@ -1,6 +1,9 @@
-"""Merge the JSON files a run wrote into one DESIGN §5 results file and print a short table.
+"""Merge what a GPU check wrote into one DESIGN §5 results file and print a short table.
 
-python benchmarks/merge_results.py DIR a.json b.json ...  ->  DIR/<device>-<date>.json
+    python benchmarks/merge_results.py DIR      ->  DIR/<device>-<date>.json
+
+Reads ``DIR/rows.jsonl`` (the timing stage's rows, its first line the environment) and ``DIR/stages.tsv`` (each
+stage's name, seconds and exit status, written by gpu_check.sh), and older runs' per-stage JSON files where present.
 """
 
 from __future__ import annotations
@@ -11,40 +14,61 @@ import sys
 from pathlib import Path
 
 
-def main(directory: str, *names: str) -> Path | None:
-    folder = Path(directory)
-    merged: dict | None = None
-    for name in names:
-        path = folder / name
-        if not path.exists():
-            print(f"(missing {name}: that stage failed or ran out of time; see its .log)")
+def read(folder: Path) -> dict | None:
+    rows, env = [], None
+    lines = (folder / "rows.jsonl").read_text().splitlines() if (folder / "rows.jsonl").exists() else []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a stage killed mid-write
             continue
-        data = json.loads(path.read_text())
-        if merged is None:
-            merged = {k: v for k, v in data.items() if k != "rows"} | {"rows": []}
-        merged["rows"] += data["rows"]
+        if row.get("op") == "environment":
+            env = {k: v for k, v in row.items() if k != "op"}
+        else:
+            rows.append(row)
+    if env is None:
+        return None
+    stages = []
+    if (folder / "stages.tsv").exists():
+        for line in (folder / "stages.tsv").read_text().splitlines():
+            name, seconds, status = line.split("\t")
+            stages.append({"stage": name, "seconds": int(seconds), "exit": status})
+    return {**env, "stages": stages, "rows": rows}
+
+
+def _fmt(row: dict, key: str, spec: str = ".3f") -> str:
+    return format(row[key], spec) if isinstance(row.get(key), (int, float)) else ""
+
+
+def main(directory: str) -> Path | None:
+    folder = Path(directory)
+    merged = read(folder)
     if merged is None:
-        print("no results")
+        print("no results (rows.jsonl missing or without its environment line)")
         return None
     slug = re.sub(r"[^A-Za-z0-9]+", "-", merged["device"]).strip("-").lower()
     out = folder / f"{slug}-{merged['date']}.json"
-    merged.pop("command", None)
     out.write_text(json.dumps(merged, indent=1))
-    print(f"{merged['device']}  torch {merged['torch']}  triton {merged.get('triton')}  commit {merged['commit'][:10]}")
-    print(
-        f"{'op':<15}{'variant':<15}{'tokens×in×out':<18}{'r':>4}{'p':>5}{'ms':>9}{'÷linear':>9}{'PEFT÷':>8}{'PEFTc÷':>8}"
-    )
+    dirty = " (dirty tree)" if merged.get("dirty") else ""
+    print(f"{merged['device']}  torch {merged['torch']}  triton {merged.get('triton')}  "
+          f"commit {merged['commit'][:10]}{dirty}")  # fmt: skip
     for row in merged["rows"]:
-        if "ms" not in row:
+        if row["op"] == "sentinel":
+            flag = "  DRIFT" if row.get("drift_flag") else ""
+            print(f"sentinel {row['when']:<5} {row['name']:<18} {row['value']:10.2f}{flag}")
+    print(f"{'op':<8}{'variant':<14}{'tokens×in×out':<17}{'r':>3}{'p':>5}{'graph ms':>9}{'÷lin':>7}{'PEFT÷':>7}"
+          f"{'PEFTc÷':>7}{'eager ms':>9}{'host ms':>8}")  # fmt: skip
+    for row in merged["rows"]:
+        if "ms" not in row or row.get("host_overhead"):
             continue
         shape = f"{row['tokens']}×{row['in']}×{row['out']}"
-
-        lin, peft, peftc = (
-            f"{row[k]:.3f}" if k in row else ""
-            for k in ("slowdown_vs_linear", "speedup_vs_peft", "speedup_vs_peft_compiled")
-        )
-        head = f"{row['op']:<15}{row['variant']:<15}{shape:<18}{row['r']:>4}{row['dropout']:>5}{row['ms']:>9.3f}"
-        print(f"{head}{lin:>9}{peft:>8}{peftc:>8}")
+        graph = "graph_" if "graph_ms" in row else ""
+        print(f"{row['op']:<8}{row['variant']:<14}{shape:<17}{row['r']:>3}{row['dropout']:>5}"
+              f"{_fmt(row, 'graph_ms'):>9}{_fmt(row, graph + 'slowdown_vs_linear'):>7}"
+              f"{_fmt(row, graph + 'speedup_vs_peft'):>7}{_fmt(row, graph + 'speedup_vs_peft_compiled'):>7}"
+              f"{_fmt(row, 'ms'):>9}{_fmt(row, 'host_bound_ms'):>8}")  # fmt: skip
+    for stage in merged["stages"]:
+        print(f"stage {stage['stage']:<28} {stage['seconds']:5d} s  exit {stage['exit']}")
     print(f"written: {out}")
     return out
 

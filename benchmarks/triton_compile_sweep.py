@@ -7,7 +7,7 @@ shared memory exceeds the device's, and on register spills in a kept 16-bit conf
 before 3.9 spills on sm_80, ``TOLERATED_SPILL``, said in the output). Its Triton caches are removed at the end.
 
     python benchmarks/triton_compile_sweep.py                       # full sweep (CI), table on stdout
-    python benchmarks/triton_compile_sweep.py --quick               # one 16-bit dtype and fp32, r <= 16 and 128
+    python benchmarks/triton_compile_sweep.py --quick               # bf16 at r <= 16, 64 and 128, fp32 at r <= 16
     python benchmarks/triton_compile_sweep.py --json benchmarks/results/triton-compile-sweep.json
 
 Run it without ``TRITON_INTERPRET`` (the interpreter compiles nothing). A fresh Triton cache is used, so the
@@ -34,7 +34,7 @@ FP64_RANKS = (16,)  # float64 is a test dtype: the tests use small ranks
 
 def cases(quick: bool) -> list[tuple[str, int]]:
     if quick:
-        return [(d, r) for d in ("bfloat16", "float32") for r in (16, 128)]
+        return [("bfloat16", 16), ("bfloat16", 64), ("bfloat16", 128), ("float32", 16)]
     return [(d, r) for d in DTYPES for r in (FP64_RANKS if d == "float64" else RANKS)]
 
 
@@ -43,9 +43,10 @@ def compile_case(arch: int, dtype_name: str, r: int) -> list[dict]:
     import torch
 
     from adalora_kernels.kernels.layout import FlatLayout
-    from adalora_kernels.kernels.triton import adalora_linear as kernels
-    from adalora_kernels.kernels.triton import sensitivity
+    from adalora_kernels.kernels.triton import adalora_linear as fused
+    from adalora_kernels.kernels.triton import sensitivity, split
     from adalora_kernels.kernels.triton.aot import compile_only
+    from adalora_kernels.kernels.triton.config import SPLIT_MAX_R
 
     dtype = getattr(torch, dtype_name)
     M, K, N = 256, 512, 384  # sizes do not change the code, only the launch; strides stay 16-aligned
@@ -56,11 +57,13 @@ def compile_case(arch: int, dtype_name: str, r: int) -> list[dict]:
     x, w, b, P, lam, Q, g = empty(M, K), empty(N, K), empty(N), empty(N, r), empty(r), empty(r, K), empty(M, N)
     out = []
     with compile_only(arch) as records:
-        for p in (0.0, 0.1):
-            for bias in (None, b):
-                _, t = kernels.linear_forward(x, w, bias, P, lam, Q, p, 2**40 + 7)
-            for need_adapter in (True, False):
-                kernels.linear_backward(g, x, w, P, lam, Q, t, p, 12345, True, need_adapter)
+        routes = (fused, split) if r <= SPLIT_MAX_R else (fused,)  # the split route stops at r = 64
+        for kernels in routes:
+            for p in (0.0, 0.1):
+                for bias in (None, b):
+                    _, t = kernels.linear_forward(x, w, bias, P, lam, Q, p, 2**40 + 7)
+                for need_adapter in (True, False):
+                    kernels.linear_backward(g, x, w, P, lam, Q, t, p, 12345, True, need_adapter)
         if dtype_name in ("float32", "float64") and r == 16:  # the allocator's kernels: adapter dtypes
             layout = FlatLayout([(N, r, K)], dtype, x.device)
             triples = [(P, lam, Q)]
@@ -139,7 +142,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="bf16 and fp32 at r <= 16 and 128 only")
+    parser.add_argument("--quick", action="store_true", help="bf16 at r <= 16, 64, 128 and fp32 at r <= 16 only")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--json", type=Path, help="write the rows and the summary here")
     parser.add_argument("--keep-cache", action="store_true", help="use Triton's cache (compile seconds then ~0)")

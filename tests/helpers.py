@@ -11,7 +11,7 @@ CPU = torch.device("cpu")  # for tests whose models are built on the CPU whateve
 
 
 def runnable_backends(device: torch.device = DEVICE) -> list[str]:
-    names = ["torch", "triton", "csrc"]
+    names = ["torch", "triton", "triton_split", "csrc"]
     from adalora_kernels.kernels import backend_names
 
     return [n for n in names if n in backend_names() and unavailable_reason(n, device) is None]

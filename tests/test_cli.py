@@ -13,7 +13,7 @@ from adalora_kernels import benchmarking as bm
 from adalora_kernels.cli import main, make_parser
 
 OPS = {"fwd", "bwd", "fwd_bwd", "allocator_step", "orth_reg", "saved_bytes", "peak_bytes"}
-VARIANTS = {"linear", "peft", "peft_compiled", "torch", "triton", "csrc"}
+VARIANTS = {"linear", "peft", "peft_compiled", "torch", "triton", "triton_split", "csrc"}
 REQUIRED = {"op", "variant", "tokens", "in", "out", "r", "dtype", "dropout"}
 
 
@@ -85,7 +85,7 @@ def test_tiny_bench_run_writes_json_csv_plot(tmp_path):
     assert ops.get(("csrc", 0.0), 6) <= 6 < ops[("torch", 0.0)]  # one native op each way, λ's scaling around
     header = (tmp_path / "b.csv").read_text().splitlines()[0].split(",")  # CUDA adds auto's columns
     assert (tmp_path / "b.png").stat().st_size > 1000 and "dropout" in header
-    assert all("unavailable" in r for r in data["rows"] if r["variant"] == "triton" and "ms" not in r)
+    assert all("unavailable" in r for r in data["rows"] if r["variant"].startswith("triton") and "ms" not in r)
 
 
 def test_allocator_rows(tmp_path):
@@ -116,3 +116,25 @@ def test_interleaved_rounds_rotate_and_the_cpu_heap_is_recorded():
     assert calls == list("abcbcacababc")
     env = bm.environment(torch.device("cpu"))
     assert "cpu_heap" in env and env["cpu_heap"] == bm.steady_cpu_heap()
+
+
+def test_ledger_prints_and_writes_every_route(tmp_path, capsys):
+    out = tmp_path / "l.json"
+    assert main(["ledger", "--shape", "8192,4096,4096", "--rank", "16", "--dropout", "0.1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    totals = {r["variant"]: r for r in data["rows"] if r["op"] == "ledger_total"}
+    assert set(totals) == {"linear", "peft", "torch", "triton", "triton_split", "csrc"}
+    assert all(r["predicted_us"] > 0 and r["bytes_read"] >= 0 for r in data["rows"] if r["op"] == "ledger")
+    assert "triton_split  predicted" in capsys.readouterr().out
+    ceilings = tmp_path / "c.json"
+    ceilings.write_text(json.dumps({"copy_gbps": 2150.0}))  # half the bandwidth: the passes take twice as long
+    assert main(["ledger", "--routes", "triton_split", "--ceilings", str(ceilings), "--json", str(out)]) == 0
+    slower = {r["kernel"]: r["predicted_us"] for r in json.loads(out.read_text())["rows"] if r["op"] == "ledger"}
+    faster = {
+        r["kernel"]: r["predicted_us"] for r in data["rows"] if r["op"] == "ledger" and r["variant"] == "triton_split"
+    }
+    assert slower["_split_x_bwd_kernel"] > 1.8 * (faster["_split_x_bwd_kernel"] - 2)
+    ceilings.write_text("{not json")
+    with pytest.raises(SystemExit):
+        main(["ledger", "--ceilings", str(ceilings)])
+    assert "--ceilings:" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("triton")
 import triton
 import triton.language as tl
+from helpers import DEVICE, make_inputs
 
 from adalora_kernels.kernels import unavailable_reason
 from adalora_kernels.kernels.triton.adalora_linear import _offsets
@@ -318,3 +319,25 @@ def test_triton_launch_host_time_is_measured_without_a_gpu():
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["restored"] and out["row"]["launch_stubbed"] and 1 < out["row"]["us"] < 10_000
+
+
+@needs_triton
+def test_tuned_launches_are_recorded_and_preseeded(monkeypatch):
+    """The winners of one run (``tuned_records``, written to $OUT by gpu_check.sh) preseed another
+    (``ADALORA_KERNELS_TUNED``): the preseeded keys skip the autotuner."""
+    import json
+
+    from adalora_kernels.kernels.triton import adalora_linear as kernels
+
+    x, w, b, P, lam, Q, _ = make_inputs((40,), 32, 24, 4, torch.float32, device=DEVICE)
+    kernels.linear_forward(x, w, b, P, lam, Q, 0.0, 0)
+    records = json.loads(json.dumps(kernels.tuned_records()))
+    assert {r["kernel"] for r in records} >= {"_shrink_fwd_kernel", "_fused_fwd_kernel"}
+    for launch in kernels._LAUNCHES.values():
+        monkeypatch.setattr(launch, "tuned", {})
+    assert kernels.preseed(records) == len(records)
+    ran = []
+    for launch in kernels._LAUNCHES.values():
+        monkeypatch.setattr(launch.kernel, "run", lambda *a, **k: ran.append(1))  # the autotuner's entry point
+    y, _ = kernels.linear_forward(x, w, b, P, lam, Q, 0.0, 0)
+    assert ran == [] and y.shape == (40, 24)

@@ -30,7 +30,7 @@ def adapter_grads(model):
 
 @pytest.mark.parametrize("backend", runnable_backends())
 def test_autocast_cpu_bf16(backend):
-    if backend == "triton":
+    if backend.startswith("triton") and DEVICE.type != "cuda":
         pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly; bf16 is in the GPU tier")
     torch.manual_seed(0)
     model = Block(dropout=0.0, backend=backend).to(DEVICE)

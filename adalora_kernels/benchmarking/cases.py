@@ -36,7 +36,7 @@ def measurable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot be measured on ``device`` (``None`` if it can): it cannot run there, or it
     only runs through the Triton interpreter, whose timings and launches mean nothing."""
     reason = unavailable_reason(backend, device)
-    if reason is None and backend == "triton" and device.type != "cuda":
+    if reason is None and backend.startswith("triton") and device.type != "cuda":
         return "Triton runs on the CPU only through its interpreter: not measured"
     return reason
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .cases import Case
+from .ledger import Shape, ledger_rows
 from .timers import graph_timings, time_cpu_interleaved, time_gpu_eager
 
 
@@ -34,6 +35,7 @@ def timing_rows(case: Case, mode: str, rounds: int, graphs: bool = False) -> lis
     cuda = case.device.type == "cuda"
     eager = time_gpu_eager(case, mode) if cuda else time_cpu_interleaved(case, mode, rounds)
     graph = graph_timings(case) if graphs and cuda and mode == "fwd_bwd" else {}
+    predicted = _predictions(case) if cuda else {}
     rows = []
     for name, module in case.variants.items():
         if name not in eager:
@@ -44,8 +46,17 @@ def timing_rows(case: Case, mode: str, rounds: int, graphs: bool = False) -> lis
         _ratios(row, graph, "graph_ms", prefix="graph_")
         if "graph_ms" in row:
             row["host_bound_ms"] = row["ms"] - row["graph_ms"]
+        if cuda and mode == "fwd_bwd" and name in predicted:  # the ledger's prediction beside the measurement
+            row["predicted_ms"] = predicted[name]
         rows.append(row)
     return rows
+
+
+def _predictions(case: Case) -> dict[str, float]:
+    """The ledger's predicted fwd+bwd milliseconds of every route at the case's shape (H200 ceilings)."""
+    dtype = str(case.dtype).removeprefix("torch.")
+    shape = Shape(case.tokens, case.in_f, case.out_f, case.r, dtype, case.dropout)
+    return {row["variant"]: row["predicted_ms"] for row in ledger_rows(shape) if row["op"] == "ledger_total"}
 
 
 def auto_choice(case: Case) -> dict:

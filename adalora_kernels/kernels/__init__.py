@@ -94,4 +94,5 @@ def get_backend(name: str, device: torch.device) -> ModuleType:
 
 register_backend("torch", "adalora_kernels.kernels.torch_composite")
 register_backend("triton", "adalora_kernels.kernels.triton")
+register_backend("triton_split", "adalora_kernels.kernels.triton.split")
 register_backend("csrc", "adalora_kernels.kernels.csrc")

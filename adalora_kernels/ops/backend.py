@@ -19,7 +19,7 @@ from ..kernels import backend_names, get_backend, registry_generation, unavailab
 log = logging.getLogger("adalora_kernels")
 
 ENV_VAR = "ADALORA_KERNELS_BACKEND"
-AUTO_ORDER = {"cuda": ("triton", "csrc", "torch")}
+AUTO_ORDER = {"cuda": ("triton", "triton_split", "csrc", "torch")}
 DEFAULT_ORDER = ("csrc", "torch")
 
 _CHOICES: dict[Hashable, tuple[str, dict[str, float]]] = {}

@@ -22,11 +22,14 @@ bucket ``M_BUCKET`` (``M`` itself is not specialised), so a new batch length reu
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import grids
 from .config import INTERPRET, get_autotune_configs, get_rowblock_configs, prune_by_shared_memory
 
 _PRUNE = {"early_config_prune": prune_by_shared_memory}
@@ -310,13 +313,12 @@ def _keep_mask_kernel(out_ptr, M, K, seed: tl.int64, p, BLOCK_M: tl.constexpr, B
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-_ROW_TILE = 64  # the row tile the split counts assume; the kernels take any BLOCK_M
+_ROW_TILE = grids.ROW_TILE
 
 
 # the launchers' integer helpers in plain Python: Triton's cdiv and next_power_of_2 are constexpr functions
 # whose calls cost microseconds each from the host, about 80 µs of every fwd+bwd call (Triton 3.9)
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+_cdiv = grids.cdiv
 
 
 def _next_pow2(n: int) -> int:
@@ -351,11 +353,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def splits_for(programs: int, length: int, device: torch.device, min_chunk: int = 256) -> int:
-    """How many ways to split a reduction of ``length`` so that ``programs`` become about 2 per SM, each
-    split keeping at least ``min_chunk`` of the reduction."""
-    want = _cdiv(2 * _sm_count(device), max(programs, 1))
-    return max(1, min(want, length // min_chunk))
+def splits_for(programs: int, length: int, device: torch.device) -> int:
+    """``grids.splits_for`` on ``device``'s SM count."""
+    return grids.splits_for(programs, length, _sm_count(device))
 
 
 class _Launch:
@@ -366,8 +366,11 @@ class _Launch:
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
+        self.name = kernel.fn.__name__
         self.positional = [kernel.arg_names.index(k) for k in kernel.keys]  # constexpr keys come as keywords
         self.tuned: dict[tuple, object] = {}
+        self.timings: dict[tuple, dict] = {}  # key -> each config's [p50, p20, p80] ms, where the autotuner timed
+        _LAUNCHES[self.name] = self
 
     def __call__(self, grid, *args, **meta) -> None:
         key = tuple(args[i] if i < len(args) else meta[self.kernel.arg_names[i]] for i in self.positional)
@@ -375,11 +378,55 @@ class _Launch:
         config = self.tuned.get(key)
         if config is None:
             self.kernel.best_config = None  # set again by the autotuner's run (not by aot's compile-only one)
+            self.kernel.configs_timings = None
             self.kernel[grid](*args, **meta)
             if self.kernel.best_config is not None:
                 self.tuned[key] = self.kernel.best_config
+                if isinstance(getattr(self.kernel, "configs_timings", None), dict):  # (not from Triton's disk cache)
+                    self.timings[key] = self.kernel.configs_timings
         else:
             self.kernel.fn.run(*args, grid=grid, warmup=False, **meta, **config.all_kwargs())
+
+
+_LAUNCHES: dict[str, _Launch] = {}
+
+
+def _config_record(config) -> dict:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _key_record(key: tuple) -> list:
+    return [str(k) if isinstance(k, torch.dtype) else k for k in key]
+
+
+def tuned_records() -> list[dict]:
+    """Every tuned launch so far: kernel, key, the winning config and, where the autotuner timed them, every
+    config's p50/p20/p80 ms (JSON-ready; ``preseed`` reads the same records back)."""
+    out = []
+    for name, launch in _LAUNCHES.items():
+        for key, config in launch.tuned.items():
+            timings = [{**_config_record(c), "ms_p50_p20_p80": list(t) if isinstance(t, (list, tuple)) else [t]}
+                       for c, t in (launch.timings.get(key) or {}).items()]  # fmt: skip
+            out.append({"kernel": name, "key": _key_record(key), "winner": _config_record(config),
+                        "timings": timings})  # fmt: skip
+    return out
+
+
+def preseed(records: list[dict]) -> int:
+    """Take the winners of earlier tuning (``tuned_records()`` of another run, as ``ADALORA_KERNELS_TUNED=<file>``
+    names) as this process's tuned launches: those keys compile only their winner and time nothing. Returns how
+    many were taken."""
+    taken = 0
+    for record in records:
+        launch = _LAUNCHES.get(record["kernel"])
+        if launch is None:
+            continue
+        key = tuple(getattr(torch, k.removeprefix("torch.")) if isinstance(k, str) and k.startswith("torch.") else k
+                    for k in record["key"])  # fmt: skip
+        w = record["winner"]
+        launch.tuned[key] = triton.Config(w["kwargs"], num_warps=w["num_warps"], num_stages=w["num_stages"])
+        taken += 1
+    return taken
 
 
 def _dropout_args(dropout_p: float, seed: int) -> tuple:
@@ -402,6 +449,9 @@ _launch_shrink_fwd = _Launch(_shrink_fwd_kernel)
 _launch_fused_fwd = _Launch(_fused_fwd_kernel)
 _launch_dt_bwd = _Launch(_dt_bwd_kernel)
 _launch_fused_dx_bwd = _Launch(_fused_dx_bwd_kernel)
+if os.environ.get("ADALORA_KERNELS_TUNED"):  # a later lease compiles only the winners of an earlier one
+    with open(os.environ["ADALORA_KERNELS_TUNED"]) as _f:
+        preseed(json.load(_f))
 
 
 def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:

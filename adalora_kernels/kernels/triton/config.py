@@ -115,3 +115,52 @@ def get_rowblock_configs() -> list[triton.Config]:
     ]
     small = triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2)
     return [*configs, small] if autotune_enabled() else [configs[0], small]
+
+
+def get_split_configs() -> list[triton.Config]:
+    """Tiles for the split route's streaming passes (BLOCK_M rows × BLOCK_K columns of the streamed tensor): narrow
+    row blocks, so that the passes have about two programs per SM at any token count."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32})]
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bk, w, s in [
+            (32, 128, 4, 3),
+            (64, 128, 4, 3),
+            (32, 256, 8, 3),
+            (16, 256, 4, 3),
+            (64, 64, 4, 4),
+            (32, 64, 8, 3),
+            (16, 64, 8, 3),
+            (16, 32, 4, 3),
+        ]  # (the last three for large ranks)
+    ]
+    small = triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=2)
+    return [*configs, small] if autotune_enabled() else [configs[0], small]
+
+
+SPLIT_MAX_R = 64  # the split route's rank limit: above it no pass tile compiled without 16-bit spills on sm_80
+
+# Tiles (BLOCK_M, BLOCK_K, warps) that spilled registers in the compile sweep (benchmarks/triton_compile_sweep.py,
+# sm_80 or sm_90, 16-bit, Triton 3.9), per split pass and rank bucket (BLOCK_R 16, or 32 and 64): never kept.
+_SPLIT_SPILLS = {
+    ("fwd", 16): {(16, 256, 4)},
+    ("fwd", 64): set(),
+    ("g", 16): set(),
+    ("g", 64): {(16, 256, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4)},
+    ("x", 16): {(64, 128, 4)},
+    ("x", 64): {(16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 64, 4), (64, 128, 4)},
+}
+
+
+def split_prune(family: str):
+    """The prune of one split pass (``fwd``, ``g`` or ``x``): shared memory as for the other kernels, and the tiles
+    the compile sweep saw spill for this rank bucket."""
+
+    def prune(configs, named_args, **kwargs):
+        r_block = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
+        banned = _SPLIT_SPILLS[(family, 16 if r_block <= 16 else 64)]
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps) not in banned]
+        return prune_by_shared_memory(kept or configs[-1:], named_args, **kwargs)
+
+    return prune

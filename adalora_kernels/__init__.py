@@ -1,7 +1,7 @@
 """adalora_kernels: AdaLoRA's adapter fused into the frozen layer, with PEFT's numbers."""
 
 from . import reference
-from .integrations import accelerate_peft, inject_adalora
+from .integrations import accelerate_peft, inject_adalora, rank_report
 from .kernels import BackendUnavailableError, backend_names, register_backend
 from .modules import AdaLoRALinear, RankAllocator, orthogonal_regularization, orthogonal_regularization_of
 from .ops import adalora_linear
@@ -19,6 +19,7 @@ __all__ = [
     "inject_adalora",
     "orthogonal_regularization",
     "orthogonal_regularization_of",
+    "rank_report",
     "reference",
     "register_backend",
 ]

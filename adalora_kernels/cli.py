@@ -6,6 +6,7 @@
   train   AdaLoRA fine-tuning end to end with no download (pretrained MiniLM-L6 when installed), optionally
           side by side with PEFT
   ledger  every launch of one fwd+bwd per route with its bytes, FLOPs and predicted time (no GPU needed)
+  export-lora  an AdaLoRA checkpoint (ours or PEFT's adapter folder) as a plain PEFT LoRA adapter
 
 Results follow DESIGN §5: ``--json`` writes {device, torch, triton, commit, date, rows}; ratios are only
 taken between variants measured side by side in the same run.
@@ -119,7 +120,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adalora-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,memory,train,ledger}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,memory,train,ledger,export-lora}")
     b = sub.add_parser("bench", help="time fwd/bwd/fwd+bwd against nn.Linear and PEFT; allocator and orth-reg steps")
     _common(b)
     b.add_argument("--rank", type=_POSITIVE, nargs="+", default=[12], help="adapter ranks (default: 12)")
@@ -142,6 +143,10 @@ def make_parser() -> argparse.ArgumentParser:
     led.add_argument("--ceilings", metavar="FILE", help="JSON: gemm_tflops {dtype: rate}, copy_gbps, launch_us, sms")
     led.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     led.add_argument("--plot", help=argparse.SUPPRESS)
+    ex = sub.add_parser("export-lora", help="an AdaLoRA checkpoint folder (ours or PEFT's) as a PEFT LoRA adapter")
+    ex.add_argument("src", help="a save_adalora folder or a PEFT AdaLoRA adapter folder")
+    ex.add_argument("dst", help="the LoRA adapter folder to write")
+    ex.add_argument("--uniform-rank", action="store_true", help="zero-pad every module to the largest kept rank")
     m = sub.add_parser("memory", help="bytes saved for backward (and CUDA peak) across rank budgets")
     _common(m)
     m.add_argument("--rank", type=_POSITIVE, nargs="+", default=[4, 8, 16, 32, 64], help="init_r values")
@@ -491,11 +496,24 @@ def run_ledger(args, ceilings: dict | None) -> dict:
     return result
 
 
+def run_export_lora(args) -> int:
+    from .integrations import export_lora
+
+    try:
+        folder = export_lora(args.src, args.dst, uniform_rank=args.uniform_rank)
+    except (ValueError, FileNotFoundError, KeyError, OSError) as exc:
+        print(f"adalora-kernels export-lora: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote a LoRA adapter to {folder}")
+    return 0
+
+
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """What no single argument's type can say, before any work."""
     if args.command == "train" and args.target_r > args.init_r:
         parser.error(f"--target-r: expected 0 <= target_r <= init_r ({args.init_r}), got {args.target_r}")
-    outputs = {"--json": args.json, "--csv": getattr(args, "csv", None), "--plot": args.plot}
+    outputs = {"--json": getattr(args, "json", None), "--csv": getattr(args, "csv", None),
+               "--plot": getattr(args, "plot", None)}  # fmt: skip
     for flag, path in outputs.items():
         _check_output(parser, flag, path, plot=flag == "--plot")
     seen: dict[str, str] = {}
@@ -519,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ledger":
             run_ledger(args, _ceilings(parser, args.ceilings))
             return 0
+        if args.command == "export-lora":
+            return run_export_lora(args)
         _resolve(args)
         (run_bench if args.command == "bench" else run_memory)(args)
     except (MemoryError, OutputError) as exc:

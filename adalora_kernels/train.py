@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .integrations import inject_adalora
+from .integrations.report import kept_by_module, rank_report
 from .modules import AdaLoRALinear, RankAllocator, orthogonal_regularization_of
 
 POSITIVE = ["great", "wonderful", "excellent", "delightful", "superb", "lovely", "brilliant", "pleasant", "good"]
@@ -323,6 +324,10 @@ def run(args) -> dict:
     for layer, row in zip(layers, grid):
         table.add_row(layer, *("·" if v is None else str(v) for v in row))
     console.print(table)
+    result["rank_report"] = rank_report(our_run.model)
+    shares = kept_by_module(result["rank_report"])
+    total = sum(shares.values()) or 1
+    console.print("budget per module type: " + ", ".join(f"{m} {n} ({n / total:.0%})" for m, n in shares.items()))
     console.print(f"loss {ours.losses[0]:.4f} → {statistics.mean(ours.losses[-5:]):.4f} (mean of the last 5 steps)")
     ms_ours = statistics.median(ours.step_ms)
     if "peft" in results:

@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft.tuners.adalora import AdaLoraLayer, AdaLoraModel, RankAllocator, SVDLinear
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
 from ..modules.allocator import RankAllocator as DeviceAllocator
-from ..modules.allocator import _Triplet
+from ..modules.allocator import _Triplet, attach_step_hook
 from ..modules.linear import unfusable_reason
 from ..modules.orthogonal import orthogonal_regularization_of
 from ..ops import adalora_linear, adalora_linear_peft_order
@@ -100,13 +102,77 @@ class FusedSVDLinear(SVDLinear):
 
 
 class FusedAdaLoraModel(AdaLoraModel):
-    """PEFT's ``AdaLoraModel``; the orthogonal regulariser is batched over the live adapter tensors."""
+    """PEFT's ``AdaLoraModel``; the orthogonal regulariser is batched over the live adapter tensors; ``attach``
+    binds the allocator to the optimizer; training past ``tinit`` with the allocator never stepped warns once."""
+
+    @property
+    def step_count(self) -> int:
+        return self.rankallocator.step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self.rankallocator.step_count = value
+
+    def attach(self, optimizer: torch.optim.Optimizer, start_step: int | None = None):
+        """``update_and_allocate`` once per real optimizer step (see ``adalora_kernels.RankAllocator.attach``);
+        returns the hook's handle."""
+        if not isinstance(getattr(self, "rankallocator", None), FusedRankAllocator):
+            raise RuntimeError("attach: this model has no trainable AdaLoRA adapter (loaded for inference?)")
+        return attach_step_hook(self, optimizer, start_step)
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        """PEFT's; a trainable adapter added after ``accelerate_peft`` becomes the trainable one, with an allocator
+        of our own (PEFT keeps the name and allocator of the first one: a stale name after ``delete_adapter``), and
+        new layers of ``SVDLinear`` over a plain linear base are fused like the others."""
+        out = super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        backend = next((m._ak_backend for m in self.model.modules() if isinstance(m, FusedSVDLinear)), None)
+        numerics = next((m._ak_numerics for m in self.model.modules() if isinstance(m, FusedSVDLinear)), "auto")
+        for module in self.model.modules():
+            if type(module) is SVDLinear and not unfusable_reason(module.get_base_layer()):
+                module.__class__ = FusedSVDLinear
+                module._ak_backend, module._ak_numerics = backend, numerics
+        if not config.inference_mode:
+            self.trainable_adapter_name = adapter_name
+            self.rankallocator = FusedRankAllocator(self.model, config, adapter_name, backend=backend)
+        return out
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's; deleting the trainable adapter leaves no trainable adapter (nor its allocator) behind."""
+        super().delete_adapter(adapter_name)
+        if getattr(self, "trainable_adapter_name", None) == adapter_name:
+            self.trainable_adapter_name = None
+            self.rankallocator = None
+
+    def update_and_allocate(self, global_step: int):
+        if getattr(self, "trainable_adapter_name", None) is None:
+            raise RuntimeError("update_and_allocate: the model has no trainable AdaLoRA adapter (it was deleted, or "
+                               "the model was loaded for inference); add one with add_adapter")  # fmt: skip
+        return super().update_and_allocate(global_step)
+
+    def _check_allocation(self) -> None:
+        allocator = getattr(self, "rankallocator", None)
+        if not isinstance(allocator, FusedRankAllocator) or allocator.calls or allocator._warned_unstepped:
+            return
+        calls = self.__dict__["_ak_train_calls"] = self.__dict__.get("_ak_train_calls", 0) + 1
+        tinit = allocator.peft_config.tinit
+        if calls > tinit + 1:
+            allocator._warned_unstepped = True
+            warnings.warn(
+                f"AdaLoRA: {calls} training forwards and no update_and_allocate yet, past tinit = {tinit}: the "
+                "ranks are never budgeted, so this trains as plain LoRA. Call model.base_model.attach(optimizer) "
+                "once (or use adalora_kernels.AdaLoRACallback with the Trainer)",
+                stacklevel=3,
+            )
 
     def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            self._check_allocation()
         outputs = self.model.forward(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         if loss is not None and isinstance(loss, Tensor):
-            adapter = self.trainable_adapter_name  # as PEFT: a model loaded for inference has none
+            adapter = self.trainable_adapter_name  # as PEFT: a model loaded for inference has none (it raises)
+        if loss is not None and isinstance(loss, Tensor) and adapter is not None:  # None: the adapter was deleted
             weight = self.peft_config[adapter].orth_reg_weight
             if weight < 0:
                 raise ValueError(f"orth_reg_weight: expected a value >= 0, got {weight}")
@@ -132,6 +198,7 @@ class FusedRankAllocator(RankAllocator):
         self.backend = backend
         self._core: DeviceAllocator | None = None
         self._pattern_obj: dict | None = None
+        self.calls, self.step_count, self._warned_unstepped = 0, 0, False
         self._layers = [
             (name, m) for name, m in model.named_modules() if isinstance(m, AdaLoraLayer) and adapter_name in m.lora_A
         ]
@@ -217,12 +284,30 @@ class FusedRankAllocator(RankAllocator):
         the frozen pattern."""
         core = self._live()
         budget = core.update_and_allocate(global_step)
+        self.calls += 1
         final = global_step == self.peft_config.total_step - self.peft_config.tfinal
         if core.masked_last_step or (final and force_mask):
             return budget, self._pattern(core)
         if force_mask:
             return budget, self.mask_to_budget(model, budget)
         return budget, None
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs: the device allocator's state (EMAs, mask, frozen pattern), the hook's step
+        count and PEFT's recorded rank pattern."""
+        pattern = self.peft_config.rank_pattern
+        return {"core": self._live().state_dict(), "step_count": self.step_count,
+                "rank_pattern": dict(pattern) if pattern is not None else None}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` of the same model's allocator; one of another model (other layers or ranks) is
+        refused, naming the layer, and changes nothing."""
+        if not isinstance(state, dict) or {"core", "step_count", "rank_pattern"} - set(state):
+            raise ValueError("state: not a FusedRankAllocator state_dict (core, step_count, rank_pattern)")
+        self._live().load_state_dict(state["core"])
+        self.step_count = int(state["step_count"])
+        self.peft_config.rank_pattern = state["rank_pattern"]
+        self._pattern_obj = None
 
     @torch.no_grad()
     def mask_using_rank_pattern(self, model: nn.Module, rank_pattern: dict) -> None:

@@ -10,6 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..modules.allocator import RankAllocator
+from .report import kept_by_module, rank_report
 
 log = logging.getLogger("adalora_kernels")
 
@@ -18,14 +19,19 @@ ALLOCATOR_FILE = "adalora_allocator.pt"
 
 class AdaLoRACallback(TrainerCallback):
     """Calls ``update_and_allocate(step)`` on ``on_optimizer_step``: after ``optimizer.step()`` and before the
-    gradients are zeroed (``on_step_end`` is too late: the gradients are gone by then).
+    gradients are zeroed (``on_step_end`` is too late: the gradients are gone by then). Steps the Trainer's
+    optimizer skipped (an fp16 overflow) are not counted.
 
     For a PEFT AdaLoRA model (accelerated or not) it calls ``model.base_model.update_and_allocate``; for a
     model with our layers it builds a ``RankAllocator`` with ``allocator_kwargs``. ``total_step`` is the
-    Trainer's ``max_steps`` unless given here, for both (PEFT's config is set to it). The budget goes into the
-    Trainer's logs as ``adalora_budget``. With our layers the allocator's state (sensitivity EMAs, mask, frozen
-    pattern) is saved in every checkpoint folder (``adalora_allocator.pt``) and restored when the Trainer
-    resumes from one, so a resumed run scores and masks as the uninterrupted one.
+    Trainer's ``max_steps`` unless given here, for both (PEFT's config is set to it). The logs get
+    ``adalora_budget`` and the kept ranks per module type (``adalora_kept/<module>``).
+
+    Resuming: every checkpoint folder gets the allocator's state (``adalora_allocator.pt``: sensitivity EMAs,
+    mask, frozen pattern; for PEFT models where ``accelerate_peft`` made the allocator ours), restored when the
+    Trainer resumes from it; a PEFT model's checkpoints hold the unpruned adapter (PEFT's save would cut it to the
+    rank pattern, which the resumed full-rank layers cannot load), while ``save_pretrained`` outside training
+    still writes PEFT's pruned one. A resumed run scores and masks as the uninterrupted one.
     """
 
     def __init__(self, **allocator_kwargs) -> None:
@@ -67,6 +73,9 @@ class AdaLoRACallback(TrainerCallback):
         peft_base = self._peft_base(model)
         if peft_base is not None:
             self._set_peft_total_step(peft_base, state)
+            allocator = getattr(peft_base, "rankallocator", None)
+            if state.global_step > 0 and hasattr(allocator, "load_state_dict"):
+                self._restore(allocator, args, state)
             return
         if self.allocator is None:
             kw = dict(self.allocator_kwargs)
@@ -75,17 +84,22 @@ class AdaLoRACallback(TrainerCallback):
                 raise ValueError("AdaLoRACallback: target_r is required for a model with AdaLoRALinear layers")
             self.allocator = RankAllocator(model, **kw)
         if state.global_step > 0:  # resumed from a checkpoint
-            path = self._checkpoint(args, state) / ALLOCATOR_FILE
-            if path.exists():
-                self.allocator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            else:
-                warnings.warn(
-                    f"AdaLoRACallback: resumed at step {state.global_step} without the allocator's state ({path} "
-                    "not found): the sensitivity scores start from zero, unlike the uninterrupted run",
-                    stacklevel=2,
-                )
+            self._restore(self.allocator, args, state)
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def _restore(self, allocator, args, state) -> None:
+        path = self._checkpoint(args, state) / ALLOCATOR_FILE
+        if path.exists():
+            allocator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            warnings.warn(
+                f"AdaLoRACallback: resumed at step {state.global_step} without the allocator's state ({path} not "
+                "found): the sensitivity scores start from zero, unlike the uninterrupted run",
+                stacklevel=3,
+            )
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if getattr(optimizer, "step_was_skipped", False):  # an fp16 overflow: the Trainer's optimizer did not step
+            return
         peft_base = self._peft_base(model)
         if peft_base is not None:
             budget = peft_base.update_and_allocate(state.global_step)
@@ -95,17 +109,42 @@ class AdaLoRACallback(TrainerCallback):
         else:
             self.budget = self.allocator.update_and_allocate(state.global_step)
 
-    def on_save(self, args, state, control, **kwargs):
-        if self.allocator is None or not args.should_save:
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        """A checkpoint is about to be written (the Trainer decided it before this call): for a PEFT model, PEFT's
+        save would cut the adapter to the recorded rank pattern, which the resumed run's full-rank layers cannot
+        load. The pattern is set aside for that save and put back in ``on_save``, so the checkpoint holds the
+        unpruned adapter (the pruned ranks' λ are zero) and the allocator's state beside it."""
+        peft_base = self._peft_base(model)
+        if control.should_save and peft_base is not None:
+            config = peft_base.peft_config[peft_base.trainable_adapter_name]
+            self._stashed_pattern = (config, config.rank_pattern)
+            config.rank_pattern = None
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        stashed = getattr(self, "_stashed_pattern", None)
+        if stashed is not None:
+            stashed[0].rank_pattern = stashed[1]
+            self._stashed_pattern = None
+        if not args.should_save:
             return
+        allocator = self.allocator
+        if allocator is None:  # a PEFT model: its allocator, where it is ours (accelerate_peft)
+            peft_base = self._peft_base(model)
+            allocator = getattr(peft_base, "rankallocator", None)
+            if not hasattr(allocator, "state_dict"):
+                return
         folder = self._checkpoint(args, state)
         if folder.is_dir():
-            torch.save(self.allocator.state_dict(), folder / ALLOCATOR_FILE)
+            torch.save(allocator.state_dict(), folder / ALLOCATOR_FILE)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if self.budget is None:
             return
+        values = {"adalora_budget": self.budget}
+        if model is not None:
+            kept = kept_by_module(rank_report(model))
+            values |= {f"adalora_kept/{module}": n for module, n in kept.items()}
         if logs is not None:  # seen by the callbacks after this one (printers, trackers)
-            logs["adalora_budget"] = self.budget
+            logs.update(values)
         if state.log_history:  # the Trainer stored a copy of logs before calling us
-            state.log_history[-1]["adalora_budget"] = self.budget
+            state.log_history[-1].update(values)

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..kernels import check_backend_name
 from ..kernels.layout import FlatLayout
 from ..ops.sensitivity import mask_lams, sensitivity_update, threshold_keep, triplet_scores
 from . import sharded
-from .linear import AdaLoRALinear
+from .linear import AdaLoRALinear, watch_allocation
 
 
 @dataclass
@@ -45,6 +46,42 @@ def _refuse_unsupported_sharding(model: nn.Module | None, triplets: list[_Triple
 
 class MissingGradientError(RuntimeError, TypeError):
     """``update_and_allocate`` found an adapter parameter without ``.grad`` (a ``TypeError`` too, as PEFT raises)."""
+
+
+class _StepHook:
+    """An optimizer step post-hook that steps an allocator (``owner.update_and_allocate(owner.step_count)``): a
+    class of its own, not a closure, so that it copies and pickles with the optimizer."""
+
+    def __init__(self, owner) -> None:
+        self.owner = owner
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        step = self.owner.step_count
+        self.owner.update_and_allocate(step)
+        self.owner.step_count = step + 1
+
+
+def innermost_optimizer(optimizer):
+    """The torch optimizer inside wrappers (Accelerate's ``AcceleratedOptimizer``, the Trainer's): the one whose
+    ``step()`` runs only for real steps."""
+    while not type(optimizer).__module__.startswith("torch.") and isinstance(
+        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
+    ):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer: expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}"
+        )
+    return optimizer
+
+
+def attach_step_hook(owner, optimizer, start_step: int | None) -> RemovableHandle:
+    """``owner.update_and_allocate`` once per real step of ``optimizer``, its step counted in ``owner.step_count``."""
+    if start_step is not None:
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step: expected an int >= 0, got {start_step!r}")
+        owner.step_count = start_step
+    return innermost_optimizer(optimizer).register_step_post_hook(_StepHook(owner))
 
 
 def _find_triplets(model: nn.Module) -> list[_Triplet]:
@@ -125,6 +162,11 @@ class RankAllocator:
         self._keep: Tensor | None = None  # last mask over all triplets (device), PEFT's rank_pattern
         self._final = False
         self.masked_last_step = False  # whether the last update_and_allocate computed a new mask
+        self.calls = 0  # update_and_allocate calls so far (the layers warn where training runs without any)
+        self.step_count = 0  # the next step an attached optimizer hook passes (attach)
+        for t in self.triplets:
+            if t.layer is not None:
+                watch_allocation(t.layer, self)
 
     def set_schedule(self, *, total_step: int, tinit: int, tfinal: int, deltaT: int) -> None:
         """Check and set the budget schedule (PEFT reads its config's at every step; its Trainer sets total_step)."""
@@ -167,6 +209,15 @@ class RankAllocator:
         if self._keep is not None:
             self._keep = self._keep.to(first.device)
 
+    def attach(self, optimizer: torch.optim.Optimizer, start_step: int | None = None) -> RemovableHandle:
+        """Run ``update_and_allocate`` once per real optimizer step, after ``step()`` and before ``zero_grad()``,
+        from an optimizer step post-hook: the step is counted by the hook (from ``start_step``, default the
+        allocator's own count: 0, or the one a ``load_state_dict`` restored). A step the optimizer skips (an fp16
+        overflow under a ``GradScaler``, which then does not call ``step()``) is not counted. Works under
+        Accelerate and the Trainer alike (their wrapped optimizer's inner one gets the hook). Returns the hook's
+        handle (``.remove()`` detaches)."""
+        return attach_step_hook(self, optimizer, start_step)
+
     def state_dict(self) -> dict:
         self._follow_params()
         return {
@@ -175,6 +226,7 @@ class RankAllocator:
             "keep": self._keep,
             "final": self._final,
             "scored": self._scored,
+            "step_count": self.step_count,
             "names": [t.name for t in self.triplets],
         }
 
@@ -203,6 +255,7 @@ class RankAllocator:
         self._keep = None if state["keep"] is None else state["keep"].to(self.triplets[0].lam.device)
         self._final = False
         self._scored = bool(state.get("scored", True))  # states saved before the flag: their EMAs are scores
+        self.step_count = int(state.get("step_count", self.step_count))
         if state["final"]:
             self._freeze_pattern()
             self._mask_lams()
@@ -300,6 +353,7 @@ class RankAllocator:
         if isinstance(global_step, bool) or not hasattr(global_step, "__index__") or global_step.__index__() < 0:
             raise ValueError(f"global_step: expected an int >= 0, got {global_step!r}")
         global_step = global_step.__index__()
+        self.calls += 1
         self._follow_params()
         final_step = self.total_step - self.tfinal
         if global_step < final_step and self._final:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,6 +48,32 @@ def unfusable_reason(module: nn.Module) -> str:
             return f"{cls.__name__} is not transformers' Conv1D"
         return "" if cls.forward is own.forward else f"{cls.__name__} overrides Conv1D.forward"
     return f"{cls.__name__} is neither an nn.Linear nor transformers' Conv1D"
+
+
+# layer -> a weak reference to the allocator of its ranks; a layer that keeps training with an allocator never
+# stepped past ``tinit`` says so once (AdaLoRA would silently train as plain LoRA)
+_ALLOCATOR_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def watch_allocation(layer: nn.Module, allocator) -> None:
+    _ALLOCATOR_OF[layer] = weakref.ref(allocator)
+
+
+def _check_allocation(layer: nn.Module) -> None:
+    """Counted on the host only (no sync): training calls of ``layer`` against its allocator's calls."""
+    ref = _ALLOCATOR_OF.get(layer)
+    allocator = ref() if ref is not None else None
+    if allocator is None or allocator.calls or getattr(allocator, "_warned_unstepped", False):
+        return
+    calls = layer.__dict__["_ak_train_calls"] = layer.__dict__.get("_ak_train_calls", 0) + 1
+    if calls > allocator.tinit + 1:
+        allocator._warned_unstepped = True
+        warnings.warn(
+            f"AdaLoRA: {calls} training calls of an adapted layer and no update_and_allocate yet, past tinit = "
+            f"{allocator.tinit}: the ranks are never budgeted, so this trains as plain LoRA. Call "
+            "allocator.attach(optimizer) once (or use AdaLoRACallback with the Trainer)",
+            stacklevel=3,
+        )
 
 
 class AdaLoRALinear(nn.Module):
@@ -151,6 +180,8 @@ class AdaLoRALinear(nn.Module):
         self.rank_mask = self.rank_mask[keep].clone()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled():
+            _check_allocation(self)
         if self.merged:
             return F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)
         return adalora_linear(

@@ -113,6 +113,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="bench: the 2048×1024×1024 shape, fwd+bwd only; memory: one small shape, three ranks "
         "(each < 2 minutes on 2 CPU cores)",
     )
+    p.add_argument("--base", type=_choice("base", list(bm.BASES)), default="linear",
+                   help="the frozen layer: linear, or a bitsandbytes nf4 / int8 layer")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="write the results as JSON (DESIGN §5)")
     p.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
     p.add_argument("--plot", metavar="FILE.png", help="plot the results")
@@ -209,7 +211,7 @@ def run_bench(args) -> dict:
     with _progress() as progress:
         task = progress.add_task("bench", total=len(cases) * len(args.modes) + (1 if args.no_allocator else 2))
         for (tokens, in_f, out_f), r, p in cases:
-            case = bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, args.variants)
+            case = bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, args.variants, base=args.base)
             auto = bm.auto_choice(case)  # CUDA: the backend auto picks here, and what each candidate took
             if auto:
                 progress.console.print(f"auto picks {auto['auto_choice']} for {tokens}×{in_f}×{out_f} r={r} p={p} "
@@ -278,10 +280,12 @@ def run_memory(args) -> dict:
         task = progress.add_task("memory", total=len(cases) + (0 if args.no_block else len(args.dropout)))
         for (tokens, in_f, out_f), r, p in cases:
             progress.update(task, description=f"{tokens}×{in_f}×{out_f} r={r} p={p}")
-            rows += bm.memory_rows(bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, variants))
+            rows += bm.memory_rows(bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, variants,
+                                                base=args.base))  # fmt: skip
             kept = max(1, int(r * args.prune_to))
             if kept < r:
-                rows += bm.memory_rows(bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, variants), kept)
+                case = bm.make_case(tokens, in_f, out_f, r, args.dtype, p, args.device, variants, base=args.base)
+                rows += bm.memory_rows(case, kept)
             progress.advance(task)
         if not args.no_block:
             for p in args.dropout:

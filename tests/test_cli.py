@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 from adalora_kernels import benchmarking as bm
 from adalora_kernels.cli import main, make_parser
 
-OPS = {"fwd", "bwd", "fwd_bwd", "allocator_step", "orth_reg", "saved_bytes", "peak_bytes"}
+OPS = {"fwd", "bwd", "fwd_bwd", "allocator_step", "orth_reg", "saved_bytes", "peak_bytes", "resident_bytes"}
 VARIANTS = {"linear", "peft", "peft_compiled", "torch", "triton", "triton_split", "csrc"}
 REQUIRED = {"op", "variant", "tokens", "in", "out", "r", "dtype", "dropout"}
 

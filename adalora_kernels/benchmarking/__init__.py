@@ -12,6 +12,7 @@
 
 from .cases import (
     BASELINES,
+    BASES,
     DEFAULT_TOKENS,
     DTYPES,
     MODES,
@@ -48,6 +49,7 @@ from .timers import (
 
 __all__ = [
     "BASELINES",
+    "BASES",
     "DEFAULT_TOKENS",
     "DTYPES",
     "MODES",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels import backend_names, unavailable_reason
+from ..kernels import backend_names, get_backend, unavailable_reason
 from ..modules import AdaLoRALinear, RankAllocator
 from .environment import check_fits
 
@@ -62,11 +62,13 @@ class Case:
     variants: dict[str, nn.Module | str]
     x: torch.Tensor
     grad: torch.Tensor
+    base: str = "linear"
 
     def row(self, op: str, variant: str, **values) -> dict:
+        extra = {"base": self.base} if self.base != "linear" else {}
         return {
             "op": op, "variant": variant, "tokens": self.tokens, "in": self.in_f, "out": self.out_f, "r": self.r,
-            "dtype": str(self.dtype).removeprefix("torch."), "dropout": self.dropout, **values,
+            "dtype": str(self.dtype).removeprefix("torch."), "dropout": self.dropout, **extra, **values,
         }  # fmt: skip
 
 
@@ -82,6 +84,69 @@ def peft_svd_linear(linear: nn.Linear, r: int, lora_alpha: float, dropout: float
     return peft.get_peft_model(holder, cfg).base_model.model.lin
 
 
+BASES = ("linear", "nf4", "int8")
+
+
+def quantized_base(linear: nn.Linear, kind: str) -> nn.Module:
+    """bitsandbytes' ``Linear4bit`` (nf4) or ``Linear8bitLt`` (int8) holding ``linear``'s weights, frozen, on its
+    device (quantised there)."""
+    import bitsandbytes as bnb
+
+    w, b = linear.weight.detach(), linear.bias
+    if kind == "nf4":
+        q = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=b is not None, quant_type="nf4", compute_dtype=w.dtype)
+        q.weight = bnb.nn.Params4bit(w.float().cpu(), requires_grad=False, quant_type="nf4")
+    else:
+        q = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=b is not None, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(w.float().cpu(), requires_grad=False, has_fp16_weights=False)
+    if b is not None:
+        q.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+    return q.to(linear.weight.device).requires_grad_(False)
+
+
+def _quantized_variants(base: nn.Module, kind: str, wanted, r, lora_alpha, dropout, device) -> dict:
+    """Over a quantised base: the frozen layer, PEFT's ``SVDLinear4bit`` / ``SVDLinear8bitLt``, and each of our
+    backends with adapter kernels as PEFT's layer after ``accelerate_peft`` (the base runs its own forward)."""
+    import peft
+
+    from ..integrations import accelerate_peft
+
+    def peft_model():
+        holder = nn.Module()
+        holder.lin = base
+        setattr(holder, "is_loaded_in_4bit" if kind == "nf4" else "is_loaded_in_8bit", True)
+        cfg = peft.AdaLoraConfig(init_r=r, target_r=r, lora_alpha=lora_alpha, lora_dropout=dropout,
+                                 target_modules=["lin"], total_step=10)  # fmt: skip
+        return peft.get_peft_model(holder, cfg)
+
+    theirs = peft_model()
+    with torch.no_grad():
+        theirs.base_model.model.lin.lora_E["default"].normal_()
+    built: dict[str, nn.Module | str] = {}
+    for name in wanted:
+        if name == "linear":
+            built[name] = base
+        elif name == "peft":
+            built[name] = theirs.base_model.model.lin
+        elif name == "peft_compiled":
+            built[name] = "not measured over a quantised base"
+        else:
+            reason = measurable_reason(name, device)
+            kernels = None if reason else get_backend(name, device)
+            if kernels is not None and not hasattr(kernels, "adapter_forward"):
+                reason = f"{name} has no adapter-only kernels (a quantised base runs its own forward)"
+            if reason is not None:
+                built[name] = reason
+                continue
+            ours = peft_model()
+            src, dst = theirs.base_model.model.lin, ours.base_model.model.lin
+            with torch.no_grad():
+                for attr in ("lora_A", "lora_B", "lora_E"):
+                    getattr(dst, attr)["default"].copy_(getattr(src, attr)["default"])
+            built[name] = accelerate_peft(ours, backend=name).base_model.model.lin
+    return built
+
+
 def make_case(
     tokens: int,
     in_f: int,
@@ -92,10 +157,25 @@ def make_case(
     device: torch.device | str,
     variants: list[str] | None = None,
     lora_alpha: float = 8.0,
+    base: str = "linear",
 ) -> Case:
-    """The frozen nn.Linear (shared by every variant), PEFT's layer and ours around it, and inputs."""
+    """The frozen nn.Linear (shared by every variant), PEFT's layer and ours around it, and inputs; ``base``:
+    ``nf4`` or ``int8`` puts a bitsandbytes layer in the frozen layer's place."""
     device = torch.device(device)
     check_fits(tokens, in_f, out_f, r, dtype, device)
+    if base not in BASES:
+        raise ValueError(f"base: expected one of {BASES}, got {base!r}")
+    if base != "linear":
+        gen = torch.Generator().manual_seed(0)
+        linear = nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
+        built = _quantized_variants(quantized_base(linear, base), base, variants or all_variants(), r, lora_alpha,
+                                    dropout, device)  # fmt: skip
+        for module in built.values():
+            if isinstance(module, nn.Module):
+                module.train()
+        x = torch.randn(tokens, in_f, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        grad = torch.randn(tokens, out_f, generator=gen).to(device=device, dtype=dtype)
+        return Case(tokens, in_f, out_f, r, dtype, dropout, device, built, x, grad, base)
     wanted = variants or all_variants()
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
@@ -132,7 +212,7 @@ def make_case(
             module.train()
     x = torch.randn(tokens, in_f, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     grad = torch.randn(tokens, out_f, generator=gen).to(device=device, dtype=dtype)
-    return Case(tokens, in_f, out_f, r, dtype, dropout, device, built, x, grad)
+    return Case(tokens, in_f, out_f, r, dtype, dropout, device, built, x, grad, base)
 
 
 def clear_grads(module: nn.Module, x: torch.Tensor) -> None:

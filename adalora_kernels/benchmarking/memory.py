@@ -33,6 +33,24 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return total, total - seen.get(x_storage, 0)
 
 
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes the module's parameters and buffers hold (a quantised weight as stored, with its quantisation
+    state), each storage counted once."""
+    seen: dict[int, int] = {}
+    tensors = [*module.parameters(), *module.buffers()]
+    for t in list(tensors):
+        state = getattr(t, "quant_state", None)  # bitsandbytes' 4-bit absmax and code
+        if state is not None:
+            tensors += [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+        scb = getattr(t, "SCB", None)  # bitsandbytes' int8 row scales
+        if isinstance(scb, torch.Tensor):
+            tensors.append(scb)
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 def peak_bytes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
     """Peak CUDA memory of one forward+backward above what was allocated before it, after a warm-up call (the
     first call of a shape autotunes the Triton kernels, and the autotuner's timing buffers are no step's)."""
@@ -58,6 +76,7 @@ def memory_rows(case: Case, kept_r: int | None = None) -> list[dict]:
         total, beyond_x = saved_bytes(module, case.x)
         extra = {"budget_r": kept_r if kept_r is not None else case.r}
         rows.append(case.row("saved_bytes", name, bytes=total, bytes_beyond_x=beyond_x, **extra))
+        rows.append(case.row("resident_bytes", name, bytes=resident_bytes(module), **extra))
         if case.device.type == "cuda":
             rows.append(case.row("peak_bytes", name, bytes=peak_bytes(module, case.x, case.grad), **extra))
     return rows

@@ -24,6 +24,15 @@ log = logging.getLogger("adalora_kernels")
 NUMERICS = ("auto", "peft", "fused")
 
 
+def _quantized_classes() -> dict:
+    """PEFT's bitsandbytes AdaLoRA classes → ours, where bitsandbytes is installed."""
+    try:
+        from .peft_quantized import QUANTIZED
+    except ImportError:  # no bitsandbytes: PEFT has no such layers either
+        return {}
+    return QUANTIZED
+
+
 def accelerate_peft(
     peft_model: nn.Module, *, backend: str | None = None, numerics: str = "auto", verbose: bool = False
 ) -> nn.Module:
@@ -61,13 +70,15 @@ def accelerate_peft(
         )
     if isinstance(base_model, peft_classes.FusedAdaLoraModel):
         return peft_model
+    quantized = _quantized_classes()
     fused, skipped = [], []
     for name, module in base_model.model.named_modules():
         if not isinstance(module, peft_classes.AdaLoraLayer):
             continue
         layer_base = module.get_base_layer()
         reason = unfusable_reason(layer_base)
-        if type(module) is SVDLinear and not reason:
+        # a quantised base runs its own forward (the adapter is ours); a linear base is fused whole
+        if type(module) in quantized or (type(module) is SVDLinear and not reason):
             fused.append(module)
         else:
             why = f": {reason}" if type(module) is SVDLinear else ""
@@ -81,7 +92,7 @@ def accelerate_peft(
             like=getattr(base_model, "rankallocator", None),
         )  # fmt: skip
     for module in fused:
-        module.__class__ = peft_classes.FusedSVDLinear
+        module.__class__ = quantized.get(type(module), peft_classes.FusedSVDLinear)
         module._ak_backend, module._ak_numerics = backend, numerics
     if allocator is not None:
         base_model.rankallocator = allocator

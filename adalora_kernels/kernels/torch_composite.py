@@ -94,6 +94,28 @@ def linear_backward(
     return dx, dP, dlam, dQ
 
 
+def adapter_forward(x2: Tensor, P: Tensor, lam_eff: Tensor, Q: Tensor, dropout_p: float, seed: int):
+    """The adapter alone (for a base layer with a forward of its own): ``((drop(x) Qᵀ) · λeff) Pᵀ`` and t."""
+    scale = _scaled_keep(x2, dropout_p, seed)
+    t = (x2 if scale is None else x2 * scale) @ Q.T
+    return (t * lam_eff) @ P.T, t
+
+
+def adapter_backward(g2, x2, P, lam_eff, Q, t, dropout_p: float, seed: int, need_dx: bool, need_adapter: bool):
+    """The adapter's gradients alone: the adapter's share of dx (``drop'(u Q)``), dP, dλeff, dQ."""
+    dt = g2 @ P
+    u = dt * lam_eff
+    scale = _scaled_keep(x2, dropout_p, seed)
+    dx = dP = dlam = dQ = None
+    if need_dx:
+        dx = u @ Q if scale is None else (u @ Q).mul_(scale)
+    if need_adapter:
+        dP = g2.T @ (t * lam_eff)
+        dlam = (dt * t).sum(0)
+        dQ = u.T @ (x2 if scale is None else x2 * scale)
+    return dx, dP, dlam, dQ
+
+
 def sensitivity_update(layout, params, grads, ema_ipt: Tensor, ema_unc: Tensor, beta1: float, beta2: float) -> Tensor:
     """Update PEFT's sensitivity EMAs (flat buffers in ``layout``) in place and return every triplet score.
 

@@ -14,6 +14,8 @@ from .config import INTERPRET  # noqa: E402
 from .sensitivity import mask_lams, sensitivity_update  # noqa: E402
 
 __all__ = [
+    "adapter_backward",
+    "adapter_forward",
     "dropout_keep_mask",
     "linear_backward",
     "linear_forward",
@@ -33,3 +35,11 @@ def unavailable_reason(device: torch.device) -> str | None:
         f"Triton kernels run on CUDA/ROCm GPUs, not on {device.type} "
         "(TRITON_INTERPRET=1, set before import, runs them on the CPU through the interpreter)"
     )
+
+
+def __getattr__(name):  # the adapter-only passes are the split route's (the same mask bits): imported on first use
+    if name in ("adapter_forward", "adapter_backward"):
+        from . import split
+
+        return getattr(split, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -222,31 +222,43 @@ def _fwd_grid(M: int, N: int, device: torch.device):
     return grid
 
 
-def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
+def adapter_forward(x2, P, lam_eff, Q, dropout_p, seed, bias=None):
+    """Pass (1) alone: ``b + (t · λeff) Pᵀ`` (a fresh M × N buffer) and t; the adapter of any base layer."""
     _refuse_interpreted_bfloat16(x2.dtype)
     M, K = x2.shape
     N, R = P.shape
     _check_rank(R)
     t = torch.empty(M, R, dtype=x2.dtype, device=x2.device)
-    if R == 0 or M == 0:
-        return (torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()), t
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    if M == 0:
+        return y, t
+    if R == 0:
+        return (y.copy_(bias.expand(M, N)) if bias is not None else y.zero_()), t
     _launch_split_fwd(_fwd_grid(M, N, x2.device),
         x2, Q, P, lam_eff, bias if bias is not None else y, t, y, M, N, K, R, m_bucket(M),
         x2.stride(0), x2.stride(1), Q.stride(0), Q.stride(1), P.stride(0), P.stride(1), t.stride(0), t.stride(1),
         y.stride(0), y.stride(1), *_dropout_args(dropout_p, seed),
         HAS_DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None, **_meta(x2.dtype, R),
     )  # fmt: skip
+    return y, t
+
+
+def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
+    if P.shape[1] == 0 or x2.shape[0] == 0:
+        t = torch.empty(x2.shape[0], P.shape[1], dtype=x2.dtype, device=x2.device)
+        return (torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()), t
+    y, t = adapter_forward(x2, P, lam_eff, Q, dropout_p, seed, bias)
     return y.addmm_(x2, weight.t()), t
 
 
-def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter):
+def adapter_backward(g2, x2, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter):
+    """Passes (2) and (3) alone: the adapter's share of dx (``drop'(u Q)``), dP, dλeff and dQ."""
     _refuse_interpreted_bfloat16(x2.dtype)
     M, K = x2.shape
     N, R = P.shape
     _check_rank(R)
     if R == 0 or M == 0:
-        dx = g2 @ weight if need_dx else None
+        dx = torch.zeros_like(x2) if need_dx else None
         if not need_adapter:
             return dx, None, None, None
         return dx, torch.zeros_like(P), torch.zeros_like(lam_eff), torch.zeros_like(Q)
@@ -263,7 +275,7 @@ def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, 
     )  # fmt: skip
     dt = dt_parts.sum(0) if col > 1 else dt_parts[0]
     u = dt * lam_eff.to(acc)
-    dx = dP = dlam = dQ = None
+    dP = dlam = dQ = None
     col_x, row_x = pass_splits(M, K, device)
     dx = torch.empty(M, K, dtype=x2.dtype, device=device) if need_dx else x2  # (x2: never written)
     dq_parts = torch.empty(row_x, R, K, dtype=acc, device=device) if need_adapter else u
@@ -273,15 +285,21 @@ def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, 
         *_dropout_args(dropout_p, seed),
         HAS_DROPOUT=dropout_p > 0.0, WRITE_DX=need_dx, NEED_DQ=need_adapter, **meta,
     )  # fmt: skip
-    if need_dx:
-        dx.addmm_(g2, weight)
-    else:
-        dx = None
     if need_adapter:
         dQ = (dq_parts.sum(0) if row_x > 1 else dq_parts[0]).to(Q.dtype)
         dP = torch.empty_like(P).copy_((dp_parts.sum(0) if row > 1 else dp_parts[0]).t())
         dlam = (dt * t.to(acc)).sum(0).to(lam_eff.dtype)
-    return dx, dP, dlam, dQ
+    return (dx if need_dx else None), dP, dlam, dQ
+
+
+def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter):
+    if P.shape[1] == 0 or x2.shape[0] == 0:
+        dx = g2 @ weight if need_dx else None
+        if not need_adapter:
+            return dx, None, None, None
+        return dx, torch.zeros_like(P), torch.zeros_like(lam_eff), torch.zeros_like(Q)
+    dx, dP, dlam, dQ = adapter_backward(g2, x2, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter)
+    return (dx.addmm_(g2, weight) if need_dx else None), dP, dlam, dQ
 
 
 # ----------------------------------------------------------------------------------------------- the backend
@@ -305,6 +323,8 @@ unavailable_reason = _triton_unavailable_reason
 
 __all__ = [
     "INTERPRET",
+    "adapter_backward",
+    "adapter_forward",
     "dropout_keep_mask",
     "linear_backward",
     "linear_forward",

@@ -147,38 +147,8 @@ def _quantized_variants(base: nn.Module, kind: str, wanted, r, lora_alpha, dropo
     return built
 
 
-def make_case(
-    tokens: int,
-    in_f: int,
-    out_f: int,
-    r: int,
-    dtype: torch.dtype,
-    dropout: float,
-    device: torch.device | str,
-    variants: list[str] | None = None,
-    lora_alpha: float = 8.0,
-    base: str = "linear",
-) -> Case:
-    """The frozen nn.Linear (shared by every variant), PEFT's layer and ours around it, and inputs; ``base``:
-    ``nf4`` or ``int8`` puts a bitsandbytes layer in the frozen layer's place."""
-    device = torch.device(device)
-    check_fits(tokens, in_f, out_f, r, dtype, device)
-    if base not in BASES:
-        raise ValueError(f"base: expected one of {BASES}, got {base!r}")
-    if base != "linear":
-        gen = torch.Generator().manual_seed(0)
-        linear = nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
-        built = _quantized_variants(quantized_base(linear, base), base, variants or all_variants(), r, lora_alpha,
-                                    dropout, device)  # fmt: skip
-        for module in built.values():
-            if isinstance(module, nn.Module):
-                module.train()
-        x = torch.randn(tokens, in_f, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-        grad = torch.randn(tokens, out_f, generator=gen).to(device=device, dtype=dtype)
-        return Case(tokens, in_f, out_f, r, dtype, dropout, device, built, x, grad, base)
-    wanted = variants or all_variants()
-    gen = torch.Generator().manual_seed(0)
-    linear = nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
+def _linear_variants(linear: nn.Linear, wanted, r, lora_alpha, dropout, device, dtype) -> dict:
+    """Around a frozen ``nn.Linear``: itself, PEFT's ``SVDLinear`` (eager and compiled) and each of our backends."""
     built: dict[str, nn.Module | str] = {}
     peft_layer: nn.Module | str | None = None
     for name in wanted:
@@ -207,6 +177,34 @@ def make_case(
             with torch.no_grad():
                 layer.lam.normal_()
             built[name] = layer
+    return built
+
+
+def make_case(
+    tokens: int,
+    in_f: int,
+    out_f: int,
+    r: int,
+    dtype: torch.dtype,
+    dropout: float,
+    device: torch.device | str,
+    variants: list[str] | None = None,
+    lora_alpha: float = 8.0,
+    base: str = "linear",
+) -> Case:
+    """The frozen nn.Linear (shared by every variant), PEFT's layer and ours around it, and inputs; ``base``:
+    ``nf4`` or ``int8`` puts a bitsandbytes layer in the frozen layer's place."""
+    device = torch.device(device)
+    check_fits(tokens, in_f, out_f, r, dtype, device)
+    if base not in BASES:
+        raise ValueError(f"base: expected one of {BASES}, got {base!r}")
+    wanted = variants or all_variants()
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
+    if base != "linear":
+        built = _quantized_variants(quantized_base(linear, base), base, wanted, r, lora_alpha, dropout, device)
+    else:
+        built = _linear_variants(linear, wanted, r, lora_alpha, dropout, device, dtype)
     for module in built.values():
         if isinstance(module, nn.Module):
             module.train()

@@ -60,17 +60,19 @@ def prune_by_shared_memory(configs, named_args, **kwargs):
 
 
 def register_pressure(config, element_size: int, r_block: int, flags: dict) -> float:
-    """Registers per thread the live tiles take: the accumulator (one per element, two in float64), the
-    streamed tile (thrice where the dropout mask is drawn beside it) and the r-wide operands (the epilogue's
-    for the GEMMs, a rank tile for the rows); operand elements take ``element_size / 2`` registers each
-    (16-bit values pack two to a register)."""
+    """Registers per thread the live tiles take: the accumulator (one per element, two in float64; a GEMM's
+    twice where the dropout mask is drawn beside it), the streamed tile (thrice with the mask) and the r-wide
+    operands (the epilogue's for the GEMMs, a rank tile for the rows); operand elements take ``element_size / 2``
+    registers each (16-bit values pack two to a register)."""
     threads = 32 * config.num_warps
     acc, op = (2 if element_size == 8 else 1), element_size / 2
     m, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
     dropout = 2 if flags.get("HAS_DROPOUT") else 0
     if "BLOCK_N" in config.kwargs:  # GEMM: acc m×n (and the dropout mask of dx); t/u (m×r) and P/Q (r×n)
         n = config.kwargs["BLOCK_N"]
-        return (m * n * (acc + dropout) + r_block * (m + n) * op) / threads
+        # (the mask beside a GEMM's accumulator costs half what the model gave it: at 2, dx at r = 64 with dropout
+        # kept only its smallest tile, though the compile sweep found larger ones without spills)
+        return (m * n * (acc + dropout / 2) + r_block * (m + n) * op) / threads
     # row kernels: acc m×r (shrink, dt) or r×k (reductions), streamed tile m×k, a rank tile m×r
     extra = m * r_block * op if flags.get("NEED_ADAPTER") or "HAS_LAM" in flags else 0
     return (max(m, k) * r_block * acc + m * k * (op + dropout) + extra) / threads

@@ -206,6 +206,26 @@ def test_prune_sizes_by_the_streamed_operand_and_drops_spilling_tiles(monkeypatc
     assert config.prune_by_shared_memory([*cfgs, small], args, BLOCK_R=16, HAS_DROPOUT=True) == [small]
 
 
+@pytest.mark.parametrize("older", [False, True])
+def test_prune_follows_what_the_installed_triton_spilled_per_arch(monkeypatch, older):
+    from adalora_kernels.kernels.triton import config
+
+    monkeypatch.setattr(config, "OLDER_TRITON", older)
+    monkeypatch.setattr(config, "autotune_enabled", lambda: True)
+    dx = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4)
+    flags = {"HAS_DROPOUT": True, "HAS_ADAPTER": True}
+    # dx at r = 64 with dropout: 44 bytes of spill with Triton 3.6 on sm_80 only (the compile sweeps of 3.6 and 3.9)
+    assert config.spills(dx, 2, 64, flags, arch=80) == older
+    assert not config.spills(dx, 2, 64, flags, arch=90)
+    assert not config.spills(dx, 2, 64, {"HAS_DROPOUT": False}, arch=80)
+    # the split passes' narrow tiles that spilled on sm_90 with Triton 3.6 only
+    args = {"g_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    tiles = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+             triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=2)]  # fmt: skip
+    kept = config.split_prune("g")(tiles, args, BLOCK_R=16, NEED_DP=True)
+    assert kept == (tiles[1:] if older else tiles)
+
+
 # ------------------------------------------------------------------------------------------ compiled (no GPU)
 
 _COMPILE = textwrap.dedent(

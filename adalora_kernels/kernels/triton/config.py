@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import triton
+from torch.torch_version import TorchVersion
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -52,16 +53,32 @@ def prune_by_shared_memory(configs, named_args, **kwargs):
     streamed = next((named_args[n] for n in _STREAMED if n in named_args), None)
     size = streamed.element_size() if streamed is not None else 4
     r_block = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
-    limit = shared_memory_bytes()
+    limit, arch = shared_memory_bytes(), target_arch()
     fitting = [
-        c for c in configs if shared_memory_need(c, size, r_block) <= limit and not spills(c, size, r_block, kwargs)
+        c
+        for c in configs
+        if shared_memory_need(c, size, r_block) <= limit and not spills(c, size, r_block, kwargs, arch)
     ] or [min(configs, key=lambda c: shared_memory_need(c, size, r_block))]
     return fitting if autotune_enabled() else fitting[:1]
 
 
-def register_pressure(config, element_size: int, r_block: int, flags: dict) -> float:
+def target_arch() -> int:
+    """The compute capability Triton compiles for (80 for sm_80), 0 where none can be read (no GPU, the
+    interpreter); the compile sweep's fake driver answers for the arch it compiles."""
+    try:
+        return int(triton.runtime.driver.active.get_current_target().arch)
+    except Exception:
+        return 0
+
+
+# Triton before 3.9 (the GPU machine runs 3.6) allocates registers less tightly on sm_80 than 3.9 does, and a few
+# narrow split-pass tiles spill with it on sm_90: the compile sweep under each version found what follows.
+OLDER_TRITON = TorchVersion(triton.__version__) < "3.9"
+
+
+def register_pressure(config, element_size: int, r_block: int, flags: dict, arch: int = 0) -> float:
     """Registers per thread the live tiles take: the accumulator (one per element, two in float64; a GEMM's
-    twice where the dropout mask is drawn beside it), the streamed tile (thrice with the mask) and the r-wide
+    more where the dropout mask is drawn beside it), the streamed tile (thrice with the mask) and the r-wide
     operands (the epilogue's for the GEMMs, a rank tile for the rows); operand elements take ``element_size / 2``
     registers each (16-bit values pack two to a register)."""
     threads = 32 * config.num_warps
@@ -70,9 +87,11 @@ def register_pressure(config, element_size: int, r_block: int, flags: dict) -> f
     dropout = 2 if flags.get("HAS_DROPOUT") else 0
     if "BLOCK_N" in config.kwargs:  # GEMM: acc m×n (and the dropout mask of dx); t/u (m×r) and P/Q (r×n)
         n = config.kwargs["BLOCK_N"]
-        # (the mask beside a GEMM's accumulator costs half what the model gave it: at 2, dx at r = 64 with dropout
-        # kept only its smallest tile, though the compile sweep found larger ones without spills)
-        return (m * n * (acc + dropout / 2) + r_block * (m + n) * op) / threads
+        # the mask beside a GEMM's accumulator costs half that with Triton 3.9 on either arch and with 3.6 on
+        # sm_90 (dx at r = 64 with dropout keeps 128x128x64 without spills); Triton 3.6 on sm_80 spilled 44 bytes
+        # per thread there, so it keeps the full cost
+        mask = dropout if OLDER_TRITON and arch in (0, 80) else dropout / 2
+        return (m * n * (acc + mask) + r_block * (m + n) * op) / threads
     # row kernels: acc m×r (shrink, dt) or r×k (reductions), streamed tile m×k, a rank tile m×r
     extra = m * r_block * op if flags.get("NEED_ADAPTER") or "HAS_LAM" in flags else 0
     return (max(m, k) * r_block * acc + m * k * (op + dropout) + extra) / threads
@@ -81,9 +100,11 @@ def register_pressure(config, element_size: int, r_block: int, flags: dict) -> f
 _MAX_PRESSURE = 208  # above it, kept 16-bit configs spilled in the compile sweep on sm_80 or sm_90
 
 
-def spills(config, element_size: int, r_block: int, flags: dict) -> bool:
-    """Whether a config is expected to spill registers, from the compile sweep (the sweep checks it)."""
-    return register_pressure(config, element_size, r_block, flags) > _MAX_PRESSURE
+def spills(config, element_size: int, r_block: int, flags: dict, arch: int | None = None) -> bool:
+    """Whether a config is expected to spill registers on ``arch`` (the target's where not given), from the
+    compile sweep (the sweep checks it)."""
+    arch = target_arch() if arch is None else arch
+    return register_pressure(config, element_size, r_block, flags, arch) > _MAX_PRESSURE
 
 
 def get_autotune_configs() -> list[triton.Config]:
@@ -153,15 +174,18 @@ _SPLIT_SPILLS = {
     ("x", 16): {(64, 128, 4)},
     ("x", 64): {(16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 64, 4), (64, 128, 4)},
 }
+# and those that spilled with Triton 3.6 only (4 to 16 bytes per thread on sm_90), kept with 3.9
+_SPLIT_SPILLS_OLDER_TRITON = {("g", 16): {(32, 64, 8)}, ("x", 16): {(32, 128, 4)}}
 
 
 def split_prune(family: str):
     """The prune of one split pass (``fwd``, ``g`` or ``x``): shared memory as for the other kernels, and the tiles
-    the compile sweep saw spill for this rank bucket."""
+    the compile sweep saw spill for this rank bucket with the installed Triton."""
 
     def prune(configs, named_args, **kwargs):
         r_block = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
-        banned = _SPLIT_SPILLS[(family, 16 if r_block <= 16 else 64)]
+        key = (family, 16 if r_block <= 16 else 64)
+        banned = _SPLIT_SPILLS[key] | (_SPLIT_SPILLS_OLDER_TRITON.get(key, set()) if OLDER_TRITON else set())
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps) not in banned]
         return prune_by_shared_memory(kept or configs[-1:], named_args, **kwargs)
 

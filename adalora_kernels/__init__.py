@@ -3,7 +3,13 @@
 from . import reference
 from .integrations import accelerate_peft, inject_adalora, rank_report
 from .kernels import BackendUnavailableError, backend_names, register_backend
-from .modules import AdaLoRALinear, RankAllocator, orthogonal_regularization, orthogonal_regularization_of
+from .modules import (
+    AdaLoRALinear,
+    AdaLoRAQuantizedLinear,
+    RankAllocator,
+    orthogonal_regularization,
+    orthogonal_regularization_of,
+)
 from .ops import adalora_linear
 
 __version__ = "0.1.0"
@@ -11,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLoRACallback",
     "AdaLoRALinear",
+    "AdaLoRAQuantizedLinear",
     "BackendUnavailableError",
     "RankAllocator",
     "accelerate_peft",

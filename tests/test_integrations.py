@@ -94,7 +94,9 @@ def test_inject_errors_and_regex():
     model = llama()
     with pytest.raises(ValueError, match=r"'q_prj' matches no module of LlamaForCausalLM; near matches: \['q_proj'"):
         ak.inject_adalora(model, ["q_prj"])
-    with pytest.raises(TypeError, match=r"model.embed_tokens is a Embedding; only nn.Linear and transformers' Conv1D"):
+    with pytest.raises(
+        TypeError, match=r"model.embed_tokens is a Embedding; only nn.Linear, transformers' Conv1D and bitsandbytes"
+    ):
         ak.inject_adalora(model, ["embed_tokens"])
     with pytest.raises(TypeError, match="target_modules: expected a regex string or a list"):
         ak.inject_adalora(model, 3)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..modules import AdaLoRALinear
-from ..modules.linear import check_adapter_args, is_conv1d, unfusable_reason
+from ..modules.linear import check_adapter_args, is_conv1d, quantized_kind, unfusable_reason
 from .inject import inject_adalora
 
 CONFIG_NAME, WEIGHTS_NAME = "adalora_config.json", "adalora.safetensors"
@@ -196,11 +196,12 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _dims(module: nn.Module, name: str) -> tuple[int, int]:
     """(out, in) of a layer that is, or can take, an adapter."""
-    if isinstance(module, AdaLoRALinear):
+    if isinstance(module, AdaLoRALinear) or quantized_kind(module):
         return module.out_features, module.in_features
     if not isinstance(module, nn.Linear) and not is_conv1d(module):
         raise TypeError(
-            f"{name}: is a {type(module).__name__}; only nn.Linear and transformers' Conv1D take an adapter"
+            f"{name}: is a {type(module).__name__}; only nn.Linear, transformers' Conv1D and bitsandbytes' "
+            "Linear4bit and Linear8bitLt take an adapter"
         )
     reason = unfusable_reason(module)
     if reason:

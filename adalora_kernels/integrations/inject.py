@@ -7,8 +7,8 @@ import re
 
 from torch import nn
 
-from ..modules import AdaLoRALinear
-from ..modules.linear import check_adapter_args, is_conv1d, unfusable_reason
+from ..modules import AdaLoRALinear, AdaLoRAQuantizedLinear
+from ..modules.linear import check_adapter_args, is_conv1d, quantized_kind, unfusable_reason
 
 
 def _matches(name: str, target_modules: str | list[str]) -> bool:
@@ -42,8 +42,9 @@ def inject_adalora(
     backend: str | None = None,
 ) -> list[str]:
     """Replace the modules matching ``target_modules`` (PEFT's rules: names, ``.suffix`` matches, or one regex
-    over the full name) with ``AdaLoRALinear`` sharing their weights (``nn.Linear`` and transformers' ``Conv1D``);
-    freeze everything but the adapters; return the replaced names."""
+    over the full name) with ``AdaLoRALinear`` sharing their weights (``nn.Linear`` and transformers' ``Conv1D``),
+    or ``AdaLoRAQuantizedLinear`` around them (bitsandbytes' ``Linear4bit`` nf4/fp4 and ``Linear8bitLt``: float32
+    adapters, as PEFT's); freeze everything but the adapters; return the replaced names."""
     if isinstance(target_modules, (list, tuple, set)):
         target_modules = list(target_modules)
     elif not isinstance(target_modules, str):
@@ -56,10 +57,12 @@ def inject_adalora(
     for name, module in chosen:
         if isinstance(module, AdaLoRALinear):
             raise ValueError(f"target_modules: {name} is already an AdaLoRALinear")
+        if quantized_kind(module):
+            continue  # bitsandbytes' Linear4bit / Linear8bitLt: the adapter around the base's own forward
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise TypeError(
-                f"target_modules: {name} is a {type(module).__name__}; only nn.Linear and transformers' Conv1D "
-                "can take an AdaLoRA adapter"
+                f"target_modules: {name} is a {type(module).__name__}; only nn.Linear, transformers' Conv1D and "
+                "bitsandbytes' Linear4bit and Linear8bitLt can take an AdaLoRA adapter"
             )
         reason = unfusable_reason(module)
         if reason:
@@ -72,9 +75,11 @@ def inject_adalora(
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = AdaLoRALinear.from_linear(
-            module, init_r=init_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, backend=backend
-        )
+        kw = {"init_r": init_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "backend": backend}
+        if quantized_kind(module):
+            layer = AdaLoRAQuantizedLinear.from_base(module, **kw)
+        else:
+            layer = AdaLoRALinear.from_linear(module, **kw)
         setattr(parent, child, layer)
         replaced.append(name)
     for module in model.modules():  # every adapter trains, including those injected by an earlier call

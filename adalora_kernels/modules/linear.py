@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 
@@ -48,6 +49,26 @@ def unfusable_reason(module: nn.Module) -> str:
             return f"{cls.__name__} is not transformers' Conv1D"
         return "" if cls.forward is own.forward else f"{cls.__name__} overrides Conv1D.forward"
     return f"{cls.__name__} is neither an nn.Linear nor transformers' Conv1D"
+
+
+def quantized_kind(module: nn.Module) -> str:
+    """``"nf4"`` or ``"fp4"`` for bitsandbytes' ``Linear4bit``, ``"int8"`` for its ``Linear8bitLt``, ``""`` for
+    anything else (bitsandbytes is never imported here: a model holding its layers has imported it)."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    if bnb_nn is None:
+        return ""
+    if isinstance(module, bnb_nn.Linear4bit):
+        return str(getattr(module.weight, "quant_type", "nf4"))
+    if isinstance(module, bnb_nn.Linear8bitLt):
+        return "int8"
+    return ""
+
+
+def adapter_hint(module: nn.Module) -> str:
+    """Where a refused layer can take an adapter after all (bitsandbytes' quantised layers)."""
+    if quantized_kind(module):
+        return " (a bitsandbytes layer takes AdaLoRAQuantizedLinear.from_base, which keeps its own forward)"
+    return ""
 
 
 # layer -> a weak reference to the allocator of its ranks; a layer that keeps training with an allocator never
@@ -125,7 +146,10 @@ class AdaLoRALinear(nn.Module):
             raise TypeError(f"linear: expected an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
         reason = unfusable_reason(linear)
         if reason:
-            raise TypeError(f"linear: {reason}; the adapter would replace that forward with F.linear of its weight")
+            raise TypeError(
+                f"linear: {reason}; the adapter would replace that forward with F.linear of its weight"
+                + adapter_hint(linear)
+            )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         if isinstance(linear, nn.Linear):
@@ -140,13 +164,15 @@ class AdaLoRALinear(nn.Module):
         layer._init_adapter(init_r, lora_alpha, lora_dropout, backend)
         return layer
 
-    def _init_adapter(self, init_r: int, lora_alpha: float, lora_dropout: float, backend: str | None) -> None:
+    def _init_adapter(
+        self, init_r: int, lora_alpha: float, lora_dropout: float, backend: str | None, dtype=None
+    ) -> None:
         check_adapter_args(init_r, lora_alpha, lora_dropout, backend)
         self.init_r, self.lora_alpha, self.lora_dropout = init_r, lora_alpha, float(lora_dropout)
         self.scaling = peft_scaling(init_r, lora_alpha)
         self.backend = backend
         self.merged = False
-        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        kw = {"device": self.weight.device, "dtype": dtype or self.weight.dtype}
         self.P = nn.Parameter(torch.empty(self.out_features, init_r, **kw))
         self.lam = nn.Parameter(torch.empty(init_r, **kw))
         self.Q = nn.Parameter(torch.empty(init_r, self.in_features, **kw))

@@ -15,7 +15,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed:
 from test_quantized import KINDS, _Net  # noqa: E402
 
 import adalora_kernels as ak  # noqa: E402
-from adalora_kernels.integrations import export_peft, import_peft, load_adalora, save_adalora  # noqa: E402
+from adalora_kernels.integrations import export_lora, export_peft, import_peft, load_adalora, save_adalora  # noqa: E402
 
 NAMES = ["a", "b"]
 
@@ -129,6 +129,11 @@ def test_checkpoints_both_ways_on_quantized_bases(kind, tmp_path):
         into = _flag(_Net(kind), kind).eval()
         assert import_peft(into, tmp_path / "peft") == NAMES
         torch.testing.assert_close(into(x), expected, rtol=1e-5, atol=1e-5)
+        # ours -> a PEFT LoRA adapter over the same quantised layers
+        export_lora(ours, tmp_path / "lora")
+        lora = peft.PeftModel.from_pretrained(_flag(_Net(kind), kind), tmp_path / "lora").eval()
+        assert type(lora.base_model.model.a).__module__.endswith("lora.bnb")
+        torch.testing.assert_close(lora(x), expected, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_grad_enabled(True)
 

@@ -15,6 +15,10 @@
 # processes, the GPU's compute processes, clocks, temperature, throttle reasons: queries only, never a setting).
 # Files in $OUT (at most 8): log.txt, stages.tsv, rows.jsonl, autotune.json, junit-csrc.xml, junit.xml and the
 # merged results file <gpu>-<date>.json. ADALORA_KERNELS_TUNED=<an earlier autotune.json> compiles only its winners.
+# The nf4 case needs bitsandbytes there: here, `echo /.whl/ >> .git/info/exclude` and
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+# then name .whl in the run's carry; without it the case writes an "unavailable" row.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PROFILE="${PROFILE:-smoke}"
@@ -26,6 +30,11 @@ LOG="$OUT/log.txt"
 : > "$LOG"; : > "$OUT/stages.tsv"; rm -f "$OUT/rows.jsonl"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+# wheels carried in .whl (bitsandbytes for the nf4 case: nothing can be downloaded there), installed aside
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site" && log "wheels: $(ls .whl | tr '\n' ' ')"
+fi
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 if [ "$DRY" = 1 ]; then DRYFLAG="--dry-run"; else DRYFLAG=""; fi
 

@@ -5,9 +5,10 @@ keeps every row it made); the Triton launches' tuning goes to ``DIR/autotune.jso
     python benchmarks/gpu_timing.py --profile smoke|bench --out DIR [--dry-run]
 
 Profiles (DESIGN §6): ``smoke``, the main shape (8192×4096×4096, r = 16, bf16) at dropout 0 and 0.1, fwd+bwd as
-CUDA-graph replays beside the eager step, and the profiler's kernel table; ``bench`` adds fwd and bwd alone, r = 64,
-the other LLaMA shapes, the per-call cost, the allocator step and memory. ``--dry-run``: the same stages on the
-CPU at tiny shapes in float32 (the GPU-only parts say so in their rows).
+CUDA-graph replays beside the eager step, and the profiler's kernel table, then the same over an nf4 base
+(bitsandbytes' ``Linear4bit``; PEFT's ``SVDLinear4bit`` against ours, where bitsandbytes imports); ``bench`` adds
+fwd and bwd alone, r = 64, the other LLaMA shapes, the per-call cost, the allocator step and memory.
+``--dry-run``: the same stages on the CPU at tiny shapes in float32 (the GPU-only parts say so in their rows).
 
 Sentinels: a cuBLAS bf16 8192×4096×4096 GEMM (TFLOP/s), a 1 GiB device-to-device copy (GB/s, bytes read plus
 written) and an ``nn.Linear`` 8×16×16 fwd+bwd (µs, the host), at the start and at the end; a drift over 5 %
@@ -104,6 +105,8 @@ def cases(profile: str, dry: bool) -> list[dict]:
     main = DRY["main"] if dry else MAIN
     others = DRY["others"] if dry else OTHERS
     out = [{"shape": main, "r": 16, "p": p, "modes": ["fwd_bwd"], "kernels": True} for p in (0.0, 0.1)]
+    # an nf4 base (bitsandbytes, carried as a wheel: gpu_check.sh's .whl): ours against PEFT's SVDLinear4bit
+    out += [{"shape": main, "r": 16, "p": p, "modes": ["fwd_bwd"], "kernels": False, "base": "nf4"} for p in (0.0, 0.1)]
     if profile == "bench":
         out += [{"shape": main, "r": 16, "p": p, "modes": ["fwd", "bwd"], "kernels": False} for p in (0.0, 0.1)]
         out += [{"shape": main, "r": 64, "p": p, "modes": ["fwd_bwd"], "kernels": False} for p in (0.0, 0.1)]
@@ -129,13 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     rows.add(sentinel_rows(start, "start", None))
     for case_spec in cases(args.profile, dry):
         tokens, in_f, out_f = case_spec["shape"]
-        case = bm.make_case(tokens, in_f, out_f, case_spec["r"], dtype, case_spec["p"], device)
+        base = case_spec.get("base", "linear")
+        try:
+            case = bm.make_case(tokens, in_f, out_f, case_spec["r"], dtype, case_spec["p"], device, base=base)
+        except ImportError as exc:  # bitsandbytes not carried
+            rows.add({"op": "fwd_bwd", "base": base, "unavailable": f"{exc}"})
+            print(f"{base} base: skipped ({exc})", flush=True)
+            continue
         auto = bm.auto_choice(case)
         for mode in case_spec["modes"]:
             began = time.perf_counter()
             new = [{**row, **auto} for row in bm.timing_rows(case, mode, rounds=20, graphs=mode == "fwd_bwd")]
             rows.add(new)
-            print(f"{mode} {tokens}×{in_f}×{out_f} r={case_spec['r']} p={case_spec['p']}: "
+            print(f"{mode} {base} {tokens}×{in_f}×{out_f} r={case_spec['r']} p={case_spec['p']}: "
                   f"{time.perf_counter() - began:.0f} s", flush=True)  # fmt: skip
         if case_spec["kernels"]:
             rows.add(bm.kernel_table(case))

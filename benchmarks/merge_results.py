@@ -56,14 +56,16 @@ def main(directory: str) -> Path | None:
         if row["op"] == "sentinel":
             flag = "  DRIFT" if row.get("drift_flag") else ""
             print(f"sentinel {row['when']:<5} {row['name']:<18} {row['value']:10.2f}{flag}")
-    print(f"{'op':<8}{'variant':<14}{'tokens×in×out':<17}{'r':>3}{'p':>5}{'graph ms':>9}{'÷lin':>7}{'PEFT÷':>7}"
+    print(f"{'op':<8}{'variant':<14}{'tokens×in×out base':<22}{'r':>3}{'p':>5}{'graph ms':>9}{'÷lin':>7}{'PEFT÷':>7}"
           f"{'PEFTc÷':>7}{'eager ms':>9}{'host ms':>8}")  # fmt: skip
     for row in merged["rows"]:
         if "ms" not in row or row.get("host_overhead"):
             continue
-        shape = f"{row['tokens']}×{row['in']}×{row['out']}"
+        shape = f"{row['tokens']}×{row['in']}×{row['out']}" + (
+            f" {row['base']}" if row.get("base", "linear") != "linear" else ""
+        )
         graph = "graph_" if "graph_ms" in row else ""
-        print(f"{row['op']:<8}{row['variant']:<14}{shape:<17}{row['r']:>3}{row['dropout']:>5}"
+        print(f"{row['op']:<8}{row['variant']:<14}{shape:<22}{row['r']:>3}{row['dropout']:>5}"
               f"{_fmt(row, 'graph_ms'):>9}{_fmt(row, graph + 'slowdown_vs_linear'):>7}"
               f"{_fmt(row, graph + 'speedup_vs_peft'):>7}{_fmt(row, graph + 'speedup_vs_peft_compiled'):>7}"
               f"{_fmt(row, 'ms'):>9}{_fmt(row, 'host_bound_ms'):>8}")  # fmt: skip

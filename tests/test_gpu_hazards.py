@@ -361,3 +361,27 @@ def test_tuned_launches_are_recorded_and_preseeded(monkeypatch):
         monkeypatch.setattr(launch.kernel, "run", lambda *a, **k: ran.append(1))  # the autotuner's entry point
     y, _ = kernels.linear_forward(x, w, b, P, lam, Q, 0.0, 0)
     assert ran == [] and y.shape == (40, 24)
+
+
+def test_gpu_check_times_an_nf4_base_and_its_table_names_the_base(tmp_path, capsys):
+    """Both profiles time the main shape over an nf4 base at both dropout rates (bitsandbytes carried as a wheel);
+    the merged table keeps those rows apart from the nn.Linear ones."""
+    import importlib.util
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    timing, merge = load("gpu_timing"), load("merge_results")
+    for profile in ("smoke", "bench"):
+        nf4 = [c for c in timing.cases(profile, dry=False) if c.get("base") == "nf4"]
+        assert [(c["shape"], c["r"], c["p"]) for c in nf4] == [(timing.MAIN, 16, 0.0), (timing.MAIN, 16, 0.1)]
+    env = {"op": "environment", "device": "GPU X", "date": "d", "torch": "t", "commit": "c" * 40}
+    common = {"op": "fwd_bwd", "variant": "peft", "tokens": 8, "in": 4, "out": 4, "r": 2, "dropout": 0.0}
+    rows = [env, {**common, "ms": 1.0}, {**common, "base": "nf4", "ms": 2.0}]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    merge.main(str(tmp_path))
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fwd_bwd")]
+    assert len(table) == 2 and "8×4×4 nf4" in table[1] and "nf4" not in table[0]

@@ -35,7 +35,7 @@ def timing_rows(case: Case, mode: str, rounds: int, graphs: bool = False) -> lis
     cuda = case.device.type == "cuda"
     eager = time_gpu_eager(case, mode) if cuda else time_cpu_interleaved(case, mode, rounds)
     graph = graph_timings(case) if graphs and cuda and mode == "fwd_bwd" else {}
-    predicted = _predictions(case) if cuda else {}
+    predicted = _predictions(case) if cuda and case.base == "linear" else {}  # (the ledger has no quantised base)
     rows = []
     for name, module in case.variants.items():
         if name not in eager:

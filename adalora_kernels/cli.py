@@ -7,6 +7,8 @@
           side by side with PEFT
   ledger  every launch of one fwd+bwd per route with its bytes, FLOPs and predicted time (no GPU needed)
   export-lora  an AdaLoRA checkpoint (ours or PEFT's adapter folder) as a plain PEFT LoRA adapter
+  bench-model  whole-model training steps (a LLaMA from a config, q/k/v/o/gate/up/down adapted): the frozen
+          model, PEFT eager and compiled, and PEFT's model after accelerate_peft, interleaved
 
 Results follow DESIGN §5: ``--json`` writes {device, torch, triton, commit, date, rows}; ratios are only
 taken between variants measured side by side in the same run.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +29,7 @@ import torch
 
 from . import benchmarking as bm
 from .benchmarking.ledger import DEFAULT_CEILINGS, ROUTES, Shape, ledger_rows
+from .benchmarking.model_step import MODEL_VARIANTS, ModelShape, model_step_rows
 
 QUICK_BENCH = {"shapes": [(2048, 1024, 1024)], "rounds": 20, "modes": ["fwd_bwd"], "blocks": 32, "hidden": 128}
 QUICK_MEMORY = {"shapes": [(512, 256, 256)], "ranks": [4, 16, 64]}
@@ -122,7 +126,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adalora-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,memory,train,ledger,export-lora}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{bench,bench-model,memory,train,ledger,export-lora}"
+    )
     b = sub.add_parser("bench", help="time fwd/bwd/fwd+bwd against nn.Linear and PEFT; allocator and orth-reg steps")
     _common(b)
     b.add_argument("--rank", type=_POSITIVE, nargs="+", default=[12], help="adapter ranks (default: 12)")
@@ -134,6 +140,22 @@ def make_parser() -> argparse.ArgumentParser:
                    help="CUDA: also time fwd+bwd as CUDA-graph replays, the GPU's time without the host's")  # fmt: skip
     b.add_argument("--kernels", action="store_true",
                    help="also profile each variant's fwd+bwd: every kernel's calls and µs (op: kernel)")  # fmt: skip
+    mb = sub.add_parser("bench-model", help="time whole-model training steps: frozen, PEFT eager and compiled, ours")
+    full, quick = ModelShape(), ModelShape.quick()
+    for field in dataclasses.fields(ModelShape):
+        flag = "--" + field.name.replace("_", "-")
+        mb.add_argument(flag, type=_POSITIVE, help=f"default {getattr(full, field.name)} (--quick or the CPU: "
+                                                   f"{getattr(quick, field.name)})")  # fmt: skip
+    mb.add_argument("--dtype", type=_choice("dtype", list(bm.DTYPES)), help="float32 on CPU, bfloat16 on GPU")
+    mb.add_argument("--dropout", type=_RATE, nargs="+", default=[0.0, 0.1], help="dropout rates (default: 0 0.1)")
+    mb.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when present)")
+    mb.add_argument("--variants", type=_choice("variant", list(MODEL_VARIANTS)), nargs="+",
+                    help=f"subset of: {', '.join(MODEL_VARIANTS)}")  # fmt: skip
+    mb.add_argument("--rounds", type=_POSITIVE, default=10, help="timed steps per variant, interleaved (default 10)")
+    mb.add_argument("--warmup", type=_POSITIVE, default=2, help="untimed steps first (compiles, autotuning)")
+    mb.add_argument("--init-r", type=_POSITIVE, default=12)
+    mb.add_argument("--quick", action="store_true", help="a 2-layer, 128-wide model, 256 tokens a step")
+    mb.add_argument("--json", metavar="FILE", help="write the rows as JSON (DESIGN §5)")
     led = sub.add_parser("ledger", help="each route's launches of one fwd+bwd: bytes, FLOPs, predicted µs (no GPU)")
     led.add_argument(
         "--shape", type=_parse_shape, default=(8192, 4096, 4096), help="tokens,in,out (default 8192,4096,4096)"
@@ -416,6 +438,42 @@ def _print_kernels(console, rows: list[dict], top: int = 8) -> None:
     console.print(table)
 
 
+def _model_shape(args) -> ModelShape:
+    """The full model on a GPU, the quick one with --quick or on the CPU; each size given on the command line wins."""
+    on_gpu = (args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+    default = ModelShape() if on_gpu and not args.quick else ModelShape.quick()
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelShape) if getattr(args, f.name)}
+    return dataclasses.replace(default, **given)
+
+
+def run_bench_model(args) -> dict:
+    """Whole-model steps (``benchmarking.model_step``) at each dropout rate, with a table and ``--json``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = bm.DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    shape = _model_shape(args)
+    rows = []
+    for p in args.dropout:
+        rows += model_step_rows(shape, dtype, device, dropout=p, variants=args.variants, rounds=args.rounds,
+                                warmup=args.warmup, init_r=args.init_r)  # fmt: skip
+    result = {**bm.environment(device), "command": " ".join(["adalora-kernels", *sys.argv[1:]]), "rows": rows}
+    what = f"{shape.layers} layers, hidden {shape.hidden}, {shape.tokens} tokens a step, {dtype}".replace("torch.", "")
+    table = Table(title=f"adalora-kernels bench-model on {result['device']}: {what}")
+    for c in ("variant", "dropout", "ms", "p20-p80 ms", "÷ frozen", "PEFT ÷", "PEFT-compiled ÷", "first loss"):
+        table.add_column(c, justify="left" if c == "variant" else "right")
+    for row in rows:
+        table.add_row(row["variant"], str(row["dropout"]), _fmt(row, "ms", ".2f"),
+                      f"{row['p20_ms']:.2f}-{row['p80_ms']:.2f}", _fmt(row, "slowdown_vs_frozen"),
+                      _fmt(row, "speedup_vs_peft"), _fmt(row, "speedup_vs_peft_compiled"),
+                      _fmt(row, "first_loss", ".5f"))  # fmt: skip
+    Console(width=max(Console().width, 120)).print(table)
+    if args.json:
+        _write_outputs([(args.json, _json_writer(result))])
+    return result
+
+
 def run_train(args) -> dict:
     from .train import run
 
@@ -516,6 +574,11 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """What no single argument's type can say, before any work."""
     if args.command == "train" and args.target_r > args.init_r:
         parser.error(f"--target-r: expected 0 <= target_r <= init_r ({args.init_r}), got {args.target_r}")
+    if args.command == "bench-model":
+        try:
+            _model_shape(args).check()
+        except ValueError as exc:
+            parser.error(f"--{exc}")
     outputs = {"--json": getattr(args, "json", None), "--csv": getattr(args, "csv", None),
                "--plot": getattr(args, "plot", None)}  # fmt: skip
     for flag, path in outputs.items():
@@ -543,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export-lora":
             return run_export_lora(args)
+        if args.command == "bench-model":
+            run_bench_model(args)
+            return 0
         _resolve(args)
         (run_bench if args.command == "bench" else run_memory)(args)
     except (MemoryError, OutputError) as exc:

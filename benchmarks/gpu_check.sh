@@ -5,6 +5,8 @@
 #                                                        # both dropout rates (graphs, eager, kernel table)
 #   PROFILE=bench ...                                    # + fwd/bwd alone, r = 64, other shapes, per-call cost,
 #                                                        #   allocator, memory
+#   PROFILE=model ...                                    # whole-model training steps: a 4-layer LLaMA (hidden 4096),
+#                                                        #   8192 tokens, frozen / PEFT eager / compiled / ours
 #   PROFILE=tests ...                                    # csrc tests alone (faulthandler), then the rest (-n 4)
 #   DRY_RUN=1 PROFILE=... bash benchmarks/gpu_check.sh   # the same stages and files on the CPU, tiny shapes
 #
@@ -23,7 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PROFILE="${PROFILE:-smoke}"
 DRY="${DRY_RUN:-0}"
-case "$PROFILE" in smoke|bench|tests) ;; *) echo "PROFILE: expected smoke, bench or tests, got '$PROFILE'" >&2; exit 2;; esac
+case "$PROFILE" in smoke|bench|model|tests) ;; *) echo "PROFILE: expected smoke, bench, model or tests, got '$PROFILE'" >&2; exit 2;; esac
 OUT="${OUT:-benchmarks/results/latest}"
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"

@@ -2,12 +2,13 @@
 profile, the sentinels again. Each row is appended to ``DIR/rows.jsonl`` the moment it exists (a stage cut short
 keeps every row it made); the Triton launches' tuning goes to ``DIR/autotune.json`` at the end.
 
-    python benchmarks/gpu_timing.py --profile smoke|bench --out DIR [--dry-run]
+    python benchmarks/gpu_timing.py --profile smoke|bench|model --out DIR [--dry-run]
 
 Profiles (DESIGN §6): ``smoke``, the main shape (8192×4096×4096, r = 16, bf16) at dropout 0 and 0.1, fwd+bwd as
 CUDA-graph replays beside the eager step, and the profiler's kernel table, then the same over an nf4 base
 (bitsandbytes' ``Linear4bit``; PEFT's ``SVDLinear4bit`` against ours, where bitsandbytes imports); ``bench`` adds
-fwd and bwd alone, r = 64, the other LLaMA shapes, the per-call cost, the allocator step and memory.
+fwd and bwd alone, r = 64, the other LLaMA shapes, the per-call cost, the allocator step and memory; ``model``, whole
+training steps of a 4-layer LLaMA-7B-wide model at 8192 tokens (``adalora-kernels bench-model``) at both rates.
 ``--dry-run``: the same stages on the CPU at tiny shapes in float32 (the GPU-only parts say so in their rows).
 
 Sentinels: a cuBLAS bf16 8192×4096×4096 GEMM (TFLOP/s), a 1 GiB device-to-device copy (GB/s, bytes read plus
@@ -117,7 +118,7 @@ def cases(profile: str, dry: bool) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", choices=["smoke", "bench"], default="smoke")
+    parser.add_argument("--profile", choices=["smoke", "bench", "model"], default="smoke")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true", help="the CPU, tiny shapes, float32")
     args = parser.parse_args(argv)
@@ -130,7 +131,16 @@ def main(argv: list[str] | None = None) -> int:
 
     start = sentinels(device, dry)
     rows.add(sentinel_rows(start, "start", None))
-    for case_spec in cases(args.profile, dry):
+    if args.profile == "model":  # whole-model steps (#19 item 7): frozen, PEFT eager and compiled, ours
+        from adalora_kernels.benchmarking.model_step import ModelShape, model_step_rows
+
+        shape, skip = (ModelShape.quick(), ["peft_compiled"]) if dry else (ModelShape(), [])
+        variants = [v for v in ("frozen", "peft", "peft_compiled", "ours") if v not in skip]
+        for p in (0.0, 0.1):
+            began = time.perf_counter()
+            rows.add(model_step_rows(shape, dtype, device, dropout=p, variants=variants, rounds=8, warmup=3))
+            print(f"model steps p={p}: {time.perf_counter() - began:.0f} s", flush=True)
+    for case_spec in cases(args.profile, dry) if args.profile != "model" else []:
         tokens, in_f, out_f = case_spec["shape"]
         base = case_spec.get("base", "linear")
         try:

@@ -59,7 +59,7 @@ def main(directory: str) -> Path | None:
     print(f"{'op':<8}{'variant':<14}{'tokens×in×out base':<22}{'r':>3}{'p':>5}{'graph ms':>9}{'÷lin':>7}{'PEFT÷':>7}"
           f"{'PEFTc÷':>7}{'eager ms':>9}{'host ms':>8}")  # fmt: skip
     for row in merged["rows"]:
-        if "ms" not in row or row.get("host_overhead"):
+        if "ms" not in row or row.get("host_overhead") or row["op"] == "model_step":
             continue
         shape = f"{row['tokens']}×{row['in']}×{row['out']}" + (
             f" {row['base']}" if row.get("base", "linear") != "linear" else ""
@@ -69,6 +69,12 @@ def main(directory: str) -> Path | None:
               f"{_fmt(row, 'graph_ms'):>9}{_fmt(row, graph + 'slowdown_vs_linear'):>7}"
               f"{_fmt(row, graph + 'speedup_vs_peft'):>7}{_fmt(row, graph + 'speedup_vs_peft_compiled'):>7}"
               f"{_fmt(row, 'ms'):>9}{_fmt(row, 'host_bound_ms'):>8}")  # fmt: skip
+    for row in merged["rows"]:
+        if row["op"] == "model_step":
+            what = f"{row['layers']} layers h{row['hidden']} {row['tokens']} tok p={row['dropout']}"
+            ratios = [f"{label} {_fmt(row, key)}" for label, key in (("÷frozen", "slowdown_vs_frozen"),
+                      ("PEFT÷", "speedup_vs_peft"), ("PEFTc÷", "speedup_vs_peft_compiled"))]  # fmt: skip
+            print(f"model   {row['variant']:<14}{what}{_fmt(row, 'ms'):>10} ms  " + "  ".join(ratios))
     for stage in merged["stages"]:
         print(f"stage {stage['stage']:<28} {stage['seconds']:5d} s  exit {stage['exit']}")
     print(f"written: {out}")

@@ -138,3 +138,39 @@ def test_ledger_prints_and_writes_every_route(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["ledger", "--ceilings", str(ceilings)])
     assert "--ceilings:" in capsys.readouterr().err
+
+
+def test_bench_model_steps_a_whole_model_and_ours_starts_from_peft_s_loss(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "model.json"
+    argv = ["bench-model", "--quick", "--device", "cpu", "--layers", "1", "--rounds", "2", "--warmup", "1",
+            "--dropout", "0", "--variants", "frozen", "peft", "ours", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in data["rows"]}
+    assert set(rows) == {"frozen", "peft", "ours"} and data["commit"] and data["device"]
+    for row in rows.values():
+        assert row["op"] == "model_step" and row["layers"] == 1 and row["tokens"] == 256 and row["ms"] > 0
+        assert row["p20_ms"] <= row["ms"] <= row["p80_ms"]
+    assert rows["frozen"]["slowdown_vs_frozen"] == 1.0 and rows["peft"]["speedup_vs_peft"] == 1.0
+    assert rows["ours"]["slowdown_vs_frozen"] == pytest.approx(rows["ours"]["ms"] / rows["frozen"]["ms"])
+    # the same model, adapters and inputs: PEFT's loss (with its regulariser) and ours agree; the frozen one differs
+    assert rows["ours"]["first_loss"] == pytest.approx(rows["peft"]["first_loss"], rel=1e-6)
+    assert rows["frozen"]["first_loss"] != pytest.approx(rows["peft"]["first_loss"], rel=1e-3)
+    assert "bench-model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench-model", "--hidden", "130", "--heads", "4"], "--heads: expected a divisor of hidden = 130, got 4"),
+        (["bench-model", "--tokens", "100", "--seq", "64"], "--tokens: expected a multiple of seq = 64, got 100"),
+        (["bench-model", "--variants", "tpu"], "unknown variant 'tpu'; valid: frozen, peft, peft_compiled, ours"),
+    ],
+)
+def test_bench_model_refuses_shapes_it_cannot_build(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -306,11 +306,14 @@ def test_shared_memory_estimate_bounds_every_compiled_kernel():
         if not row["tiles"]:
             continue
         tiles = [int(v) for v in row["tiles"].split("x")]
+        assert row["local"] == 0 or row["dtype"] not in ("float16", "bfloat16"), row
+        if len(tiles) == 1:  # the split route's finalize launches: one fixed tile, nothing pipelined, never pruned
+            assert row["fits"] and row["kernel"].endswith("finalize_kernel"), row
+            continue
         names = ("BLOCK_M", "BLOCK_N", "BLOCK_K") if len(tiles) == 3 else ("BLOCK_M", "BLOCK_K")
         cfg = triton.Config(dict(zip(names, tiles)), num_warps=row["num_warps"], num_stages=row["num_stages"])
         size = torch.empty(0, dtype=getattr(torch, row["dtype"])).element_size()
         assert config.shared_memory_need(cfg, size, max(16, row["r"])) >= row["shared"], row
-        assert row["local"] == 0 or row["dtype"] not in ("float16", "bfloat16"), row
         checked += 1
     assert checked > 1000
 

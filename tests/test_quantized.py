@@ -10,6 +10,8 @@ import torch
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: the quantised bases are not tested")
 
+from helpers import runnable_backends  # noqa: E402
+
 import adalora_kernels as ak  # noqa: E402
 from adalora_kernels.ops import adalora_adapter, adapter_bwd, adapter_fwd  # noqa: E402
 
@@ -156,7 +158,7 @@ def test_a_plain_svdlinear_over_linear4bit_is_counted_as_peft_s_forward(caplog):
 # ------------------------------------------------------------------------------------------ the adapter-only op
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", [b for b in runnable_backends() if b in ("torch", "triton_split")])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_the_adapter_op_matches_the_reference_and_opcheck(backend, p):
     gen = torch.Generator().manual_seed(0)
@@ -174,10 +176,14 @@ def test_the_adapter_op_matches_the_reference_and_opcheck(backend, p):
                                                  None, keep, p)  # fmt: skip
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, base, *leaves], g)
-    want = torch.autograd.grad(ref, [x, base, *leaves], g)
+    got = torch.autograd.grad(y, [x, base, *leaves], g, retain_graph=True)
+    want = torch.autograd.grad(ref, [x, base, *leaves], g, retain_graph=True)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for wrt in ([x], leaves):  # dx alone (no adapter gradients), the adapter's alone
+        mine = torch.autograd.grad(y, wrt, g, retain_graph=True)
+        for a, b in zip(mine, torch.autograd.grad(ref, wrt, g, retain_graph=True)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     seed = torch.tensor(11)
     x2 = x.detach().reshape(14, 33)
     torch.library.opcheck(adapter_fwd, (x2, P.detach(), lam.detach(), Q.detach(), p, seed, backend))

@@ -196,21 +196,15 @@ def _triton_split(b: _Book, sms: int) -> None:
     b.phase = "bwd"
     col, row = grids.pass_splits(M, N, sms)
     b.add("_split_g_bwd_kernel", "triton", E * (M * N + N * r + M * r), A * (col * M * r + row * r * N), 4 * M * N * r)
-    if col > 1:
-        b.add("sum: dt partials", "aten", A * col * M * r, A * M * r)
-    b.add("mul: u = dt λ", "aten", A * M * r, A * M * r)
+    blocks = grids.cdiv(M, grids.FINALIZE_ROWS)
+    b.add("_split_dt_finalize_kernel", "triton", A * col * M * r + E * M * r, A * (M * r + blocks * r), 3 * col * M * r)
     _, row_x = grids.pass_splits(M, K, sms)
     b.add(
         "_split_x_bwd_kernel", "triton", E * (M * K + r * K) + A * M * r, E * M * K + A * row_x * r * K, 4 * M * K * r
     )
     b.gemm("addmm_: dx += g W", M, K, N, c_read=True)
-    if row_x > 1:
-        b.add("sum: dQ partials", "aten", A * row_x * r * K, A * r * K)
-    b.add("to: dQ", "aten", A * r * K, E * r * K)
-    if row > 1:
-        b.add("sum: dPᵀ partials", "aten", A * row * r * N, A * r * N)
-    b.add("copy_: dP", "aten", A * r * N, E * r * N)
-    b.add("mul, sum: dλ", "aten", A * M * r + E * M * r, A * r)
+    b.add("_split_finalize_kernel", "triton", A * (row_x * r * K + row * r * N + blocks * r), E * (r * K + r * N + r),
+          row_x * r * K + row * r * N + blocks * r)  # fmt: skip
 
 
 def _csrc(b: _Book) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 ROW_TILE = 64  # the row tile the fused route's split counts assume; its kernels take any BLOCK_M
 MAX_COLUMN_SPLITS = 8  # the split route's partials over column splits are (splits, M, r): a few
 MIN_TILE = 16  # the smallest BLOCK_M / BLOCK_K of any split-route config
+FINALIZE_ROWS = 64  # rows per program of the split route's dt finalize (so the count of its dλ partials)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -4,9 +4,10 @@ passes that each read one big tensor once, and the launchers. Registered as the 
 Forward:  (1) over x: ``t = drop(x) Qᵀ`` (saved) and ``y₀ = b + (t · λeff) Pᵀ`` written into y's buffer;
           then ``y.addmm_(x, Wᵀ)`` (cuBLAS, beta = 1: y₀ is its C, read in its epilogue).
 Backward: (2) over g: ``dt = g P`` and ``dPᵀ = (t · λeff)ᵀ g`` from the same tiles (t is saved, so both come
-          from one read of g); then ``u = dt · λeff`` and ``dλeff = Σ_rows dt ⊙ t`` on the r-wide results;
-          (3) over x: ``dx₀ = drop'(u Q)`` written into dx's buffer and ``dQ = uᵀ drop(x)`` from the same tiles;
-          then ``dx.addmm_(g, W)`` (cuBLAS, beta = 1).
+          from one read of g); then one launch on the r-wide results: ``u = dt · λeff`` and the row blocks'
+          ``Σ dt ⊙ t``; (3) over x: ``dx₀ = drop'(u Q)`` written into dx's buffer and ``dQ = uᵀ drop(x)`` from the
+          same tiles; then ``dx.addmm_(g, W)`` (cuBLAS, beta = 1), and one launch that sums the partials of dQ,
+          dPᵀ (into dP's layout) and dλeff into the parameters' dtypes.
 
 Every reduction over rows or columns that is split across programs writes one partial per split into a buffer of
 its own, summed afterwards in a fixed order: no atomics, bitwise reproducible (``torch.use_deterministic_algorithms``
@@ -201,11 +202,99 @@ def _split_x_bwd_kernel(
             _store_tile(dq_part, rr, cols, K, 1, R, K, dq)
 
 
+FINALIZE_ROWS = grids.FINALIZE_ROWS  # rows per program of the dt finalize (and so the count of its dλ partials)
+_FINALIZE_COLUMNS = 128  # columns of dQ / dPᵀ per program of the last finalize
+
+
+@triton.autotune(
+    configs=[triton.Config({"BLOCK_M": FINALIZE_ROWS}, num_warps=4, num_stages=1)],
+    key=["M_BUCKET", "BLOCK_R", "NEED_DLAM", "IS_FP64"],
+)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
+def _split_dt_finalize_kernel(
+    # pointers: dt partials (C, M, R), t (M, R), λeff (R); outputs u = dt·λeff (M, R) and dλ partials (B, R)
+    dt_ptr, t_ptr, lam_ptr, u_ptr, dlam_ptr,
+    # sizes
+    M, R, C, M_BUCKET,
+    # strides of t (the rest contiguous)
+    stride_tm, stride_tr,
+    # meta
+    NEED_DLAM: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # one row block: dt summed over the column splits in their order, u written, and Σ_rows dt ⊙ t of the block
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    dt = tl.zeros([BLOCK_M, BLOCK_R], dtype=acc_dtype)
+    part = dt_ptr
+    for _ in range(C):
+        dt += _load_tile(part, rows, rr, R, 1, M, R)
+        part += M.to(tl.int64) * R
+    lam = tl.load(lam_ptr + rr, mask=rr < R, other=0.0).to(acc_dtype)
+    _store_tile(u_ptr, rows, rr, R, 1, M, R, dt * lam[None, :])
+    if NEED_DLAM:
+        t = _load_tile(t_ptr, rows, rr, stride_tm, stride_tr, M, R).to(acc_dtype)
+        tl.store(dlam_ptr + pid * R + rr, tl.sum(dt * t, axis=0), mask=rr < R)
+
+
+@triton.jit
+def _sum_partials(ptr, rr, cols, R, L, S, acc_dtype: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``rr × cols`` tile of S contiguous (R, L) partials at ``ptr``, summed in their order."""
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=acc_dtype)
+    for _ in range(S):
+        acc += _load_tile(ptr, rr, cols, L, 1, R, L)
+        ptr += R * L
+    return acc
+
+
+@triton.autotune(
+    configs=[triton.Config({"BLOCK_K": _FINALIZE_COLUMNS}, num_warps=4, num_stages=1)],
+    key=["M_BUCKET", "BLOCK_R", "IS_FP64"],
+)
+@triton.jit(do_not_specialize=_UNSPECIALISED)
+def _split_finalize_kernel(
+    # pointers: partials of dQ (SQ, R, K), dPᵀ (SP, R, N), dλ (B, R) (accumulator dtype, contiguous); outputs dQ
+    # (R, K), dP (N, R) and dλeff (R) in the parameters' dtypes
+    dq_parts_ptr, dp_parts_ptr, dlam_parts_ptr, dq_ptr, dp_ptr, dlam_ptr,
+    # sizes
+    K, N, R, SQ, SP, B, M_BUCKET,
+    # strides of the outputs
+    stride_dqr, stride_dqk, stride_dpn, stride_dpr,
+    # meta
+    IS_FP64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # programs [0, nq) sum dQ's column tiles, [nq, nq + np) dPᵀ's (stored transposed into dP), the last one dλ;
+    # every sum runs over its partials in their order
+    pid = tl.program_id(0)
+    nq = tl.cdiv(K, BLOCK_K)
+    n_p = tl.cdiv(N, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    if pid < nq:
+        q_cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+        dq = _sum_partials(dq_parts_ptr, rr, q_cols, R, K, SQ, acc_dtype, BLOCK_R, BLOCK_K)
+        _store_tile(dq_ptr, rr, q_cols, stride_dqr, stride_dqk, R, K, dq.to(dq_ptr.dtype.element_ty))
+    elif pid < nq + n_p:
+        p_cols = (pid - nq) * BLOCK_K + tl.arange(0, BLOCK_K)
+        dp = _sum_partials(dp_parts_ptr, rr, p_cols, R, N, SP, acc_dtype, BLOCK_R, BLOCK_K)
+        _store_tile(dp_ptr, rr, p_cols, stride_dpr, stride_dpn, R, N, dp.to(dp_ptr.dtype.element_ty))
+    else:
+        dl = tl.zeros([BLOCK_R], dtype=acc_dtype)
+        part = dlam_parts_ptr
+        for _ in range(B):
+            dl += tl.load(part + rr, mask=rr < R, other=0.0)
+            part += R
+        tl.store(dlam_ptr + rr, dl.to(dlam_ptr.dtype.element_ty), mask=rr < R)
+
+
 # ----------------------------------------------------------------------------------------------- launchers
 
 _launch_split_fwd = _Launch(_split_fwd_kernel)
 _launch_split_g_bwd = _Launch(_split_g_bwd_kernel)
 _launch_split_x_bwd = _Launch(_split_x_bwd_kernel)
+_launch_split_dt_finalize = _Launch(_split_dt_finalize_kernel)
+_launch_split_finalize = _Launch(_split_finalize_kernel)
 
 
 def pass_splits(M: int, length: int, device: torch.device) -> tuple[int, int]:
@@ -273,8 +362,14 @@ def adapter_backward(g2, x2, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_ad
         g2.stride(0), g2.stride(1), P.stride(0), P.stride(1), t.stride(0), t.stride(1),
         NEED_DP=need_adapter, **meta,
     )  # fmt: skip
-    dt = dt_parts.sum(0) if col > 1 else dt_parts[0]
-    u = dt * lam_eff.to(acc)
+    # u = (Σ_c dt) · λeff and the row blocks' Σ dt ⊙ t, in one pass over the r-wide partials
+    u = torch.empty(M, R, dtype=acc, device=device)
+    blocks = _cdiv(M, FINALIZE_ROWS)
+    dlam_parts = torch.empty(blocks, R, dtype=acc, device=device) if need_adapter else u
+    _launch_split_dt_finalize(lambda c: (blocks,),
+        dt_parts, t, lam_eff, u, dlam_parts, M, R, col, m_bucket(M), t.stride(0), t.stride(1),
+        NEED_DLAM=need_adapter, IS_FP64=meta["IS_FP64"], BLOCK_R=meta["BLOCK_R"],
+    )  # fmt: skip
     dP = dlam = dQ = None
     col_x, row_x = pass_splits(M, K, device)
     dx = torch.empty(M, K, dtype=x2.dtype, device=device) if need_dx else x2  # (x2: never written)
@@ -285,10 +380,14 @@ def adapter_backward(g2, x2, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_ad
         *_dropout_args(dropout_p, seed),
         HAS_DROPOUT=dropout_p > 0.0, WRITE_DX=need_dx, NEED_DQ=need_adapter, **meta,
     )  # fmt: skip
-    if need_adapter:
-        dQ = (dq_parts.sum(0) if row_x > 1 else dq_parts[0]).to(Q.dtype)
-        dP = torch.empty_like(P).copy_((dp_parts.sum(0) if row > 1 else dp_parts[0]).t())
-        dlam = (dt * t.to(acc)).sum(0).to(lam_eff.dtype)
+    if need_adapter:  # dQ, dP and dλeff from their partials, in one launch
+        dQ, dP, dlam = torch.empty_like(Q), torch.empty_like(P), torch.empty_like(lam_eff)
+        programs = _cdiv(K, _FINALIZE_COLUMNS) + _cdiv(N, _FINALIZE_COLUMNS) + 1
+        _launch_split_finalize(lambda c: (programs,),
+            dq_parts, dp_parts, dlam_parts, dQ, dP, dlam, K, N, R, row_x, row, blocks, m_bucket(M),
+            dQ.stride(0), dQ.stride(1), dP.stride(0), dP.stride(1),
+            IS_FP64=meta["IS_FP64"], BLOCK_R=meta["BLOCK_R"],
+        )  # fmt: skip
     return (dx if need_dx else None), dP, dlam, dQ
 
 

@@ -144,11 +144,11 @@ def test_bench_model_steps_a_whole_model_and_ours_starts_from_peft_s_loss(tmp_pa
     pytest.importorskip("transformers")
     out = tmp_path / "model.json"
     argv = ["bench-model", "--quick", "--device", "cpu", "--layers", "1", "--rounds", "2", "--warmup", "1",
-            "--dropout", "0", "--variants", "frozen", "peft", "ours", "--json", str(out)]  # fmt: skip
+            "--dropout", "0", "--variants", "frozen", "peft", "ours", "ours_fused", "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     data = json.loads(out.read_text())
     rows = {row["variant"]: row for row in data["rows"]}
-    assert set(rows) == {"frozen", "peft", "ours"} and data["commit"] and data["device"]
+    assert set(rows) == {"frozen", "peft", "ours", "ours_fused"} and data["commit"] and data["device"]
     for row in rows.values():
         assert row["op"] == "model_step" and row["layers"] == 1 and row["tokens"] == 256 and row["ms"] > 0
         assert row["p20_ms"] <= row["ms"] <= row["p80_ms"]
@@ -156,6 +156,7 @@ def test_bench_model_steps_a_whole_model_and_ours_starts_from_peft_s_loss(tmp_pa
     assert rows["ours"]["slowdown_vs_frozen"] == pytest.approx(rows["ours"]["ms"] / rows["frozen"]["ms"])
     # the same model, adapters and inputs: PEFT's loss (with its regulariser) and ours agree; the frozen one differs
     assert rows["ours"]["first_loss"] == pytest.approx(rows["peft"]["first_loss"], rel=1e-6)
+    assert rows["ours_fused"]["first_loss"] == pytest.approx(rows["peft"]["first_loss"], rel=1e-5)
     assert rows["frozen"]["first_loss"] != pytest.approx(rows["peft"]["first_loss"], rel=1e-3)
     assert "bench-model" in capsys.readouterr().out
 

@@ -6,7 +6,8 @@ same inputs:
 - ``frozen``: the model with no adapter, base frozen; backward through the activations only (the floor);
 - ``peft``: PEFT's AdaLoRA model, eager;
 - ``peft_compiled``: the same under ``torch.compile`` (the allocator step stays eager, as PEFT's is);
-- ``ours``: PEFT's model after ``accelerate_peft`` (the one-line change).
+- ``ours``: PEFT's model after ``accelerate_peft`` (the one-line change; on the CPU its forward rounds as PEFT's);
+- ``ours_fused``: the same with ``numerics="fused"`` (the fused forward on the CPU too; the same as ``ours`` on a GPU).
 
 The embeddings are computed once outside the timed step and fed as ``inputs_embeds`` requiring grad, so every
 variant, the frozen one too, runs its backward through all decoder layers.
@@ -26,7 +27,7 @@ from .cases import MODULE_NAMES
 from .environment import steady_cpu_heap
 from .timers import _rotated, _sync, spread
 
-MODEL_VARIANTS = ("frozen", "peft", "peft_compiled", "ours")
+MODEL_VARIANTS = ("frozen", "peft", "peft_compiled", "ours", "ours_fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +104,9 @@ def _runners(base: nn.Module, variants, init_r: int, dropout: float, total_step:
         else:
             if name == "peft":
                 model = plain
-            elif name == "ours":
-                model = accelerate_peft(copy.deepcopy(plain))
+            elif name in ("ours", "ours_fused"):
+                numerics = "fused" if name == "ours_fused" else "auto"
+                model = accelerate_peft(copy.deepcopy(plain), numerics=numerics)
             else:
                 model = copy.deepcopy(plain)
             model.train()

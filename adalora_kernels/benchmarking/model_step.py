@@ -67,15 +67,8 @@ def llama_model(shape: ModelShape, dtype: torch.dtype, device: torch.device) -> 
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).requires_grad_(False)
 
 
-@dataclasses.dataclass
-class _Runner:
-    """One variant: its model, the step, and the loss of its first step."""
-
-    model: nn.Module
-    step: Callable[[], float | None]
-
-
-def _runners(base: nn.Module, variants, init_r: int, dropout: float, total_step: int, inputs) -> dict:
+def _steps(base: nn.Module, variants, init_r: int, dropout: float, total_step: int, inputs) -> dict[str, Callable]:
+    """One training-step callable per variant (each returns its loss), on its own model."""
     import peft
 
     from ..integrations import accelerate_peft
@@ -90,7 +83,7 @@ def _runners(base: nn.Module, variants, init_r: int, dropout: float, total_step:
         for name, p in plain.named_parameters():
             if "lora_E" in name:
                 p.normal_()
-    out: dict[str, _Runner] = {}
+    out: dict[str, Callable] = {}
     for name in variants:
         if name == "frozen":
             model = base.train()
@@ -125,7 +118,7 @@ def _runners(base: nn.Module, variants, init_r: int, dropout: float, total_step:
                 counter[0] += 1
                 return loss.detach()
 
-        out[name] = _Runner(model, step)
+        out[name] = step
     return out
 
 
@@ -154,16 +147,16 @@ def model_step_rows(
     with torch.no_grad():
         embeds = base.get_input_embeddings()(ids)
     embeds = embeds.detach().requires_grad_()
-    runners = _runners(base, wanted, init_r, dropout, rounds + warmup + 2, (embeds, ids))
+    steps = _steps(base, wanted, init_r, dropout, rounds + warmup + 2, (embeds, ids))
     first: dict[str, float] = {}
-    samples: dict[str, list[float]] = {name: [] for name in runners}
+    samples: dict[str, list[float]] = {name: [] for name in steps}
     if device.type == "cpu":
         steady_cpu_heap()
     for i in range(warmup + rounds):
-        for name in _rotated(list(runners), i):
+        for name in _rotated(list(steps), i):
             _sync(device)
             start = time.perf_counter()
-            loss = runners[name].step()
+            loss = steps[name]()
             _sync(device)
             if i == 0:
                 first[name] = float(loss)

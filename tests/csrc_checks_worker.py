@@ -25,9 +25,6 @@ calls = {
     "csrc_dropout_keep_mask": lambda: ops.csrc_dropout_keep_mask(x, 4, 4, 1.0, 1),
     "csrc_sensitivity_update": lambda: ops.csrc_sensitivity_update([P, lam], [P, lam], [P, lam], [P, lam], 0.85, 0.85),
 }
-if device.type == "cuda":  # the CUDA kernels' own limit
-    big = t(6, 129), t(129), t(129, 8)
-    calls["csrc_linear_fwd r > 128"] = lambda: ops.csrc_linear_fwd(x, w, None, *big, 0.0, 1)
 out = {}
 for name, call in calls.items():
     try:

@@ -72,6 +72,13 @@ def test_bfloat16(backend, p):
     check_against_reference(backend, torch.bfloat16, (70,), 40, 56, 5, mask=True, p=p)
 
 
+# ranks above the Triton routes' limits (fused 128, split 64): the csrc kernels (CPU and CUDA) and torch have none
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if not b.startswith("triton")])
+@pytest.mark.parametrize("dtype,p", [(torch.float32, 0.2), (torch.bfloat16, 0.0)])
+def test_ranks_above_the_triton_limits(backend, dtype, p):
+    check_against_reference(backend, dtype, (70,), 48, 40, 160, mask=True, p=p)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rank_zero_is_the_base_layer(backend):
     x, w, b, P, lam, Q, _ = make_inputs((9,), 20, 12, 0, torch.float64)

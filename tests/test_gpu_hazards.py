@@ -63,24 +63,25 @@ def test_auto_skips_a_backend_that_fails_to_run():
     backend_mod.clear_auto_choices()
 
 
-def test_auto_never_times_csrc_on_a_rank_its_cuda_checks_reject():
-    """r > 128 on CUDA: the csrc backend says so in Python (shape_reason) and raises before any call into the
-    CUDA build, and auto leaves it out of the candidates it times (adalora_linear filters by _shape_reason)."""
-    if unavailable_reason("csrc", torch.device("cpu")) is not None:
-        pytest.skip("the native extension is not built here")
+def test_auto_never_times_a_backend_on_a_rank_it_rejects():
+    """auto's candidates are filtered by each backend's ``shape_reason`` (adalora_linear._shape_reason): the split
+    route's rank limit leaves it out above ``SPLIT_MAX_R``; the csrc kernels (CPU and CUDA, the CUDA ones since
+    the split route) have no rank limit, so no rank leaves them out."""
     import importlib
-    from types import SimpleNamespace
 
-    from adalora_kernels.kernels import csrc
+    from adalora_kernels.kernels.triton.config import SPLIT_MAX_R
 
     op = importlib.import_module("adalora_kernels.ops.adalora_linear")  # the module, not the function
+    cpu = torch.device("cpu")
+    if unavailable_reason("triton_split", cpu) is None:
+        assert op._shape_reason("triton_split", cpu, SPLIT_MAX_R) is None
+        reason = op._shape_reason("triton_split", cpu, SPLIT_MAX_R + 1)
+        assert f"r <= {SPLIT_MAX_R}, got r = {SPLIT_MAX_R + 1}" in reason
+    if unavailable_reason("csrc", cpu) is None:
+        from adalora_kernels.kernels import csrc
 
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert csrc.shape_reason(cuda, 128) is None and "r <= 128, got r = 129" in csrc.shape_reason(cuda, 129)
-    assert csrc.shape_reason(cpu, 4096) is None  # the CPU kernels have no rank limit
-    assert op._shape_reason("csrc", cpu, 129) is None and op._shape_reason("torch", cpu, 4096) is None
-    with pytest.raises(ValueError, match="backend 'csrc': the csrc CUDA kernels support r <= 128"):
-        csrc._check_shape(SimpleNamespace(device=cuda), 129)
+        assert not hasattr(csrc, "shape_reason") and op._shape_reason("csrc", cpu, 4096) is None
+    assert op._shape_reason("torch", cpu, 4096) is None
 
 
 def test_auto_key_buckets_tokens_and_names_the_case():

@@ -208,24 +208,34 @@ def _triton_split(b: _Book, sms: int) -> None:
 
 
 def _csrc(b: _Book) -> None:
+    """The CUDA extension's split route (csrc/cuda/binding.cpp): every GEMM in cuBLAS, the two big ones in place
+    onto what the adapter wrote; with dropout, one pass writes drop(x) for cuBLAS (again in the backward, for
+    dQ); the adapter's share of dx in one pass (masked_expand)."""
     s = b.s
     M, K, N, r, E, A = s.M, s.K, s.N, s.r, s.E, s.A
-    b.add("shrink_dropout_kernel", "csrc", E * (M * K + r * K), E * M * r, 2 * M * K * r)
-    _base_forward(b)
+
+    def dropped() -> None:
+        if s.dropout > 0:
+            b.add("dropout_scale_kernel", "csrc", E * M * K, E * M * K)
+
+    dropped()
+    b.gemm("mm: t = drop(x) Qᵀ", M, r, K)
     b.elementwise("mul: t λ", M * r, M * r)
-    b.gemm("addmm_: y += (t λ) Pᵀ", M, N, r, c_read=True)
+    b.gemm("addmm: y₀ = b + (t λ) Pᵀ", M, N, r)
+    b.gemm("addmm_: y += x Wᵀ", M, N, K, c_read=True)
     b.phase = "bwd"
     b.gemm("mm: dt = g P", M, r, N)
-    _linear_backward(b)
-    b.add("scale_by_lam_kernel", "csrc", E * M * r, A * M * r)
-    b.add("masked_adapter_dx_kernel", "csrc", E * (M * K + r * K) + A * M * r, E * M * K, 2 * M * K * r)
-    parts = grids.cdiv(M, 256)
-    b.add("dq_partials_kernel", "csrc", E * M * K + A * M * r, A * parts * r * K, 2 * M * K * r)
+    b.add("masked_expand_kernel", "csrc", E * (M * r + r * K + r), E * M * K, 2 * M * K * r + M * r)
+    b.gemm("addmm_: dx += g W", M, K, N, c_read=True)
+    dropped()
+    b.elementwise("mul: u = dt λ", M * r, M * r)
+    b.gemm("mm: dQ = uᵀ drop(x)", r, K, M)
     b.elementwise("mul: t λ", M * r, M * r)
     b.gemm("mm: dP = gᵀ (t λ)", N, r, M)
-    b.add("mul, sum: dλ", "aten", 2 * A * M * r, A * r)
-    b.add("sum: dQ partials", "aten", A * parts * r * K, A * r * K)
-    b.add("to: dQ", "aten", A * r * K, E * r * K)
+    b.add("to: dt in float", "aten", E * M * r, A * M * r)
+    b.add("mul: dt t", "aten", (A + E) * M * r, A * M * r)
+    b.add("sum: dλ", "aten", A * M * r, A * r)
+    b.add("to: dλ", "aten", A * r, E * r)
 
 
 def launches(route: str, shape: Shape, ceilings: dict | None = None) -> list[Launch]:

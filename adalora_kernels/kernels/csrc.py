@@ -21,7 +21,6 @@ __all__ = [
     "linear_forward",
     "mask_lams",
     "sensitivity_update",
-    "shape_reason",
     "triplet_scores",
 ]
 
@@ -35,42 +34,21 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-CUDA_MAX_R = 128  # the CUDA kernels' rank limit (csrc/cuda); their TORCH_CHECK says the same
-
-
-def shape_reason(device: torch.device, r: int) -> str | None:
-    """Why this backend cannot run rank ``r`` on ``device``, or ``None``. Checked in Python before any call, so
-    neither auto's timing nor a user's call relies on a failed check inside the CUDA build (one crashed the
-    process on the first GPU run, its cause not yet found: tests/test_csrc.py runs every check in a subprocess)."""
-    if device.type == "cuda" and r > CUDA_MAX_R:
-        return f"the csrc CUDA kernels support r <= {CUDA_MAX_R}, got r = {r}"
-    return None
-
-
-def _check_shape(x: Tensor, r: int) -> None:
-    reason = shape_reason(x.device, r)
-    if reason is not None:
-        raise ValueError(f"backend 'csrc': {reason}; use backend='triton' or 'torch'")
-
-
 def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> Tensor:
     return _ops.csrc_dropout_keep_mask(torch.empty(0, device=device), shape[0], shape[1], dropout_p, seed)
 
 
 def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
-    _check_shape(x2, lam_eff.shape[0])
     return _ops.csrc_linear_fwd(x2, weight, bias, P, lam_eff, Q, dropout_p, seed)
 
 
 def layer_call(x, weight, bias, P, lam, Q, rank_mask, scaling: float, dropout_p: float, seed: int) -> Tensor:
     """A whole eager layer call, autograd included, in one op (``csrc/autograd.cpp``): ``lam_eff`` from
     ``lam``, ``rank_mask`` and ``scaling``, x of any leading shape; ``seed < 0`` draws from torch's generator."""
-    _check_shape(x, lam.shape[0])
     return _ops.csrc_adalora_linear(x, weight, bias, P, lam, Q, rank_mask, scaling, dropout_p, seed)
 
 
 def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter):
-    _check_shape(x2, lam_eff.shape[0])
     dx, dP, dlam, dQ = _ops.csrc_linear_bwd(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter)
     return (dx if need_dx else None, *((v if need_adapter else None) for v in (dP, dlam, dQ)))
 

@@ -1,7 +1,7 @@
-// The torch side of the csrc backend's CUDA implementation: checks, cuBLAS GEMMs through ATen (accumulating
-// into the same outputs), and the launches of the kernels in this folder on the current stream.
+// The torch side of the csrc backend's CUDA implementation: checks, every GEMM in cuBLAS through ATen (the big
+// ones accumulating in place onto what the adapter wrote, beta = 1), and the launches of the streaming passes
+// in this folder on the current stream.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
@@ -45,75 +45,74 @@ typename CudaType<S>::type* mptr(at::Tensor& t) {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_cuda(const char* op, const at::Tensor& x, int64_t r) {
+void check_cuda(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors, got ", x.device());
-  TORCH_CHECK(r <= 128, op, ": the CUDA kernels support r <= 128, got r = ", r);
 }
 
+// drop(x) / (1 - p) as a contiguous copy of x (one streaming pass: x read once, the copy written once), for
+// cuBLAS to read; the mask is regenerated from (seed, row, col) wherever it is needed, never stored
+at::Tensor dropped(const at::Tensor& x, double dropout_p, int64_t seed) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor xd = at::empty({M, K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_dropout_scale", [&] {
+    check_launch(cuda::dropout_scale(cptr<scalar_t>(x), x.stride(0), x.stride(1), mptr<scalar_t>(xd), M, K,
+                                     static_cast<uint64_t>(seed), dropout_threshold(dropout_p),
+                                     1.0 / (1.0 - dropout_p), c10::cuda::getCurrentCUDAStream()),
+                 "dropout_scale");
+  });
+  return xd;
+}
+
+// The split route: every GEMM in cuBLAS, the dropout mask in one streaming pass. y0 = b + (t lam) P^T is
+// written first and cuBLAS accumulates x W^T onto it in place (addmm_ with beta = 1), so y is written twice
+// and read once, never copied.
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                    const c10::optional<at::Tensor>& bias, const at::Tensor& P,
                                                    const at::Tensor& lam_eff, const at::Tensor& Q, double dropout_p,
                                                    int64_t seed) {
   check_inputs("csrc_linear_fwd", x, weight, P, lam_eff, Q, dropout_p);
-  check_cuda("csrc_linear_fwd", x, lam_eff.size(0));
+  check_cuda("csrc_linear_fwd", x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t M = x.size(0), K = x.size(1), R = lam_eff.size(0);
-  const uint32_t threshold = dropout_p > 0.0 ? dropout_threshold(dropout_p) : 0;
-  const at::Tensor Qc = Q.contiguous();
-  at::Tensor t = at::empty({M, R}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_fwd", [&] {
-    check_launch(cuda::shrink_dropout(cptr<scalar_t>(x), x.stride(0), x.stride(1), cptr<scalar_t>(Qc), mptr<scalar_t>(t),
-                                      M, K, static_cast<int>(R), static_cast<uint64_t>(seed), threshold,
-                                      1.0 / (1.0 - dropout_p), c10::cuda::getCurrentCUDAStream()),
-                 "shrink_dropout");
-  });
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  if (R > 0) y.addmm_(t * lam_eff, P.t());
+  const at::Tensor t = at::mm(dropout_p > 0.0 ? dropped(x, dropout_p, seed) : x, Q.t());
+  const at::Tensor tl = t * lam_eff;
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, tl, P.t()) : at::mm(tl, P.t());
+  y.addmm_(x, weight.t());
   return {y, t};
 }
 
+// dx: the adapter's share drop'(u Q) / (1 - p) (u = dt lam, dt = g P) written by masked_expand, then g W
+// accumulated onto it in place by cuBLAS. dP, dQ by cuBLAS (dQ over a regenerated drop(x)); dlam summed in
+// float (double for double).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& P,
     const at::Tensor& lam_eff, const at::Tensor& Q, const at::Tensor& t, double dropout_p, int64_t seed,
     bool need_dx, bool need_adapter) {
   check_inputs("csrc_linear_bwd", x, weight, P, lam_eff, Q, dropout_p);
   check_backward_inputs("csrc_linear_bwd", grad, x, weight, lam_eff, t);
-  check_cuda("csrc_linear_bwd", x, lam_eff.size(0));
+  check_cuda("csrc_linear_bwd", x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t M = x.size(0), K = x.size(1), R = lam_eff.size(0);
-  const uint32_t threshold = dropout_p > 0.0 ? dropout_threshold(dropout_p) : 0;
-  const double scale = 1.0 / (1.0 - dropout_p);
-  const auto acc = x.options().dtype(acc_type(x.scalar_type()));
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor dt = at::mm(grad, P).contiguous(), lamc = lam_eff.contiguous();
-  const at::Tensor Qc = Q.contiguous();
-  at::Tensor u = at::empty({M, R}, acc);
-  at::Tensor dx = need_dx ? at::mm(grad, weight) : at::empty({0}, x.options());
-  at::Tensor dq_part = need_adapter ? at::empty({cuda::dq_splits(M), R, K}, acc) : at::empty({0}, acc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_bwd", [&] {
-    using A = at::opmath_type<scalar_t>;
-    check_launch(cuda::scale_by_lam(cptr<scalar_t>(dt), cptr<scalar_t>(lamc), u.data_ptr<A>(), M, static_cast<int>(R),
-                                    stream),
-                 "scale_by_lam");
-    if (need_dx)
-      check_launch(cuda::masked_adapter_dx(mptr<scalar_t>(dx), static_cast<const A*>(u.data_ptr<A>()),
-                                           cptr<scalar_t>(Qc), M, K, static_cast<int>(R),
-                                           static_cast<uint64_t>(seed), threshold, scale, stream),
-                   "masked_adapter_dx");
-    if (need_adapter)
-      check_launch(cuda::dq_partials(cptr<scalar_t>(x), x.stride(0), x.stride(1),
-                                     static_cast<const A*>(u.data_ptr<A>()), dq_part.data_ptr<A>(), M, K,
-                                     static_cast<int>(R), static_cast<uint64_t>(seed), threshold, stream),
-                   "dq_partials");
-  });
-  if (!need_adapter) return {dx, at::empty({0}, x.options()), at::empty({0}, x.options()), at::empty({0}, x.options())};
-  // every reduction over rows in a fixed order (ATen sums, cuBLAS GEMMs): no atomics, reproducible bit for bit
-  const at::Tensor dP = at::mm(grad.t(), t * lam_eff);
-  const at::Tensor dlam = (dt.to(acc.dtype()) * t.to(acc.dtype())).sum(0);
-  const at::Tensor dQ_acc = dq_part.sum(0);
-  const at::Tensor dQ = (dropout_p > 0.0 ? dQ_acc * scale : dQ_acc).to(x.scalar_type());
+  const at::Tensor empty = at::empty({0}, x.options());
+  at::Tensor dx = empty;
+  if (need_dx) {
+    const at::Tensor Qc = Q.contiguous();
+    dx = at::empty({M, K}, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csrc_linear_bwd", [&] {
+      check_launch(cuda::masked_expand(cptr<scalar_t>(dt), cptr<scalar_t>(lamc), cptr<scalar_t>(Qc),
+                                       mptr<scalar_t>(dx), M, K, static_cast<int>(R), static_cast<uint64_t>(seed),
+                                       dropout_p > 0.0 ? dropout_threshold(dropout_p) : 0, 1.0 / (1.0 - dropout_p),
+                                       c10::cuda::getCurrentCUDAStream()),
+                   "masked_expand");
+    });
+    dx.addmm_(grad, weight);
+  }
+  if (!need_adapter) return {dx, empty, empty, empty};
+  const at::Tensor dQ = at::mm((dt * lamc).t(), dropout_p > 0.0 ? dropped(x, dropout_p, seed) : x);
+  const at::Tensor dP = at::mm(grad.t(), t * lamc);
+  const at::Tensor dlam = (dt.to(acc_type(x.scalar_type())) * t).sum(0);
   return {dx, dP, dlam.to(x.scalar_type()), dQ};
 }
 

@@ -10,13 +10,13 @@ namespace {
 template <typename T, int V>
 void scale_all(const T* x, int64_t sxm, int64_t sxk, T* xd, int64_t M, int64_t K, uint64_t seed, uint32_t thr,
                T scale) {
-  for (int64_t i = 0; i < dropout_scale_items(M, K, V); ++i) dropout_scale_item<T, V>(i, x, sxm, sxk, xd, K, seed, thr, scale);
+  for (int64_t i = 0; i < pass_items(M, K, V); ++i) dropout_scale_item<T, V>(i, x, sxm, sxk, xd, M, K, seed, thr, scale);
 }
 
 template <typename T, int V>
 void expand_all(const T* dt, const T* lam, const T* q, T* out, int64_t M, int64_t K, int R, uint64_t seed,
                 uint32_t thr, T scale) {
-  for (int64_t i = 0; i < masked_expand_items(M, K, V); ++i)
+  for (int64_t i = 0; i < pass_items(M, K, V); ++i)
     masked_expand_item<T, V>(i, dt, lam, q, out, M, K, R, seed, thr, scale);
 }
 

@@ -1,4 +1,5 @@
-"""Every CUDA source of csrc/ compiles with plain nvcc (no torch headers) for sm_80 and sm_90, warning-free."""
+"""Every CUDA source of csrc/ compiles with plain nvcc (no torch headers) for sm_80 and sm_90, warning-free, and no
+kernel spills registers (ptxas warns on a spill, and a warning fails the test)."""
 
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ def test_compiles_without_warnings(source, arch, tmp_path):
     cmd = [
         NVCC, "-c", str(source), "-o", str(tmp_path / "out.o"), "-std=c++17", "-O3", "--fmad=false",
         f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Werror", "all-warnings",
-        "-Xcompiler", "-Wall,-Wextra,-Werror",
+        "-Xcompiler", "-Wall,-Wextra,-Werror", "-Xptxas", "--warn-on-spills",
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -7,11 +7,11 @@
 // masked_expand writes the adapter's share of dx into the buffer that cuBLAS then accumulates g W onto (addmm_
 // with beta = 1), so dx is written once by the pass and once by the GEMM, never read-modified-written.
 //
-// An item is V consecutive columns (16 bytes where the pointers, strides and K allow, else V = 1) of one row
-// (dropout_scale) or of kExpandRows consecutive rows (masked_expand, so each Q vector loaded serves several
-// rows). Items are independent: no shared memory, no synchronisation, so the kernels are grid-stride loops
-// over items, and the same functions compile with a host compiler for the float and double types, where
-// tests/cuda_passes_host.cpp runs every item on the CPU against the reference.
+// An item is V consecutive columns (16 bytes where the pointers, strides and K allow, else V = 1) of
+// kRowsPerItem consecutive rows: the columns' hash keys are computed once for its rows, and in masked_expand each
+// Q vector loaded serves every row. Items are independent: no shared memory, no synchronisation, so the kernels
+// are grid-stride loops over items, and the same functions compile with a host compiler for the float and double
+// types, where tests/cuda_passes_host.cpp runs every item on the CPU against the reference.
 #pragma once
 #include <cstdint>
 
@@ -32,7 +32,7 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
-constexpr int kExpandRows = 4;
+constexpr int kRowsPerItem = 4;  // rows per work item of either pass
 
 // V for a pass whose vectors start at base + row * row_stride + a multiple of V (elements of `bytes` each):
 // 16 / bytes when every such address is 16-byte aligned and K is a multiple of it, else 1.
@@ -51,31 +51,47 @@ AK_HOST_DEVICE Vec<T, V> load_vec(const T* p) {
   return *reinterpret_cast<const Vec<T, V>*>(p);
 }
 
-// xd[m, k0 .. k0 + V) = keep(m, k) ? x[m, k] * scale : 0 for item (m, k0 / V); xd is M x K contiguous. V > 1
-// needs x's column stride to be 1 (vector_width decides).
-template <typename T, int V>
-AK_HOST_DEVICE void dropout_scale_item(int64_t item, const T* x, int64_t sxm, int64_t sxk, T* xd, int64_t K,
-                                       uint64_t seed, uint32_t threshold, typename AccOf<T>::type scale) {
-  using A = typename AccOf<T>::type;
-  const int64_t per_row = K / V;
-  const int64_t m = item / per_row, k0 = (item - m * per_row) * V;
-  const uint32_t key = dropout_row_key(seed, static_cast<uint64_t>(m));
-  Vec<T, V> in;
-  if (V > 1) {
-    in = load_vec<T, V>(x + m * sxm + k0);
-  } else {
-    in.v[0] = x[m * sxm + k0 * sxk];
-  }
-  Vec<T, V> out;
-AK_UNROLL
-  for (int j = 0; j < V; ++j) {
-    const bool keep = dropout_keep(key, static_cast<uint32_t>(k0 + j), threshold);
-    out.v[j] = from_acc<T>(keep ? to_acc(in.v[j]) * scale : A(0));
-  }
-  *reinterpret_cast<Vec<T, V>*>(xd + m * K + k0) = out;
+// The column keys of V consecutive columns: the inner hash round, computed once per item and used for each of
+// its rows (the per-element work left is one round, a xor and a compare).
+template <int V>
+AK_HOST_DEVICE void column_keys(uint32_t (&keys)[V], int64_t k0) {
+  AK_UNROLL
+  for (int j = 0; j < V; ++j) keys[j] = dropout_col_key(static_cast<uint32_t>(k0 + j));
 }
 
-// out[m, k0 .. k0 + V) for the kExpandRows rows m of item (row group, k0 / V):
+// xd[m, k0 .. k0 + V) = keep(m, k) ? x[m, k] * scale : 0 for the kRowsPerItem rows m of item (row group, k0 / V);
+// xd is M x K contiguous. V > 1 needs x's column stride to be 1 (vector_width decides).
+template <typename T, int V>
+AK_HOST_DEVICE void dropout_scale_item(int64_t item, const T* x, int64_t sxm, int64_t sxk, T* xd, int64_t M,
+                                       int64_t K, uint64_t seed, uint32_t threshold,
+                                       typename AccOf<T>::type scale) {
+  using A = typename AccOf<T>::type;
+  const int64_t per_row = K / V;
+  const int64_t group = item / per_row, k0 = (item - group * per_row) * V, m0 = group * kRowsPerItem;
+  uint32_t col_key[V];
+  column_keys<V>(col_key, k0);
+  AK_UNROLL
+  for (int i = 0; i < kRowsPerItem; ++i) {
+    const int64_t m = m0 + i;
+    if (m >= M) continue;
+    Vec<T, V> in;
+    if (V > 1) {
+      in = load_vec<T, V>(x + m * sxm + k0);
+    } else {
+      in.v[0] = x[m * sxm + k0 * sxk];
+    }
+    const uint32_t key = dropout_row_key(seed, static_cast<uint64_t>(m));
+    Vec<T, V> out;
+    AK_UNROLL
+    for (int j = 0; j < V; ++j) {
+      const bool keep = dropout_keep_keyed(key, col_key[j], threshold);
+      out.v[j] = from_acc<T>(keep ? to_acc(in.v[j]) * scale : A(0));
+    }
+    *reinterpret_cast<Vec<T, V>*>(xd + m * K + k0) = out;
+  }
+}
+
+// out[m, k0 .. k0 + V) for the kRowsPerItem rows m of item (row group, k0 / V):
 //   keep(m, k) ? scale * sum_r (dt[m, r] * lam[r]) * Q[r, k] : 0, summed in A (u = dt * lam rounded in A, as
 // the reference's u). threshold 0: no dropout (every element kept). dt (M x R), lam (R), Q (R x K) and out
 // (M x K) contiguous.
@@ -85,44 +101,42 @@ AK_HOST_DEVICE void masked_expand_item(int64_t item, const T* dt, const T* lam, 
                                        typename AccOf<T>::type scale) {
   using A = typename AccOf<T>::type;
   const int64_t per_row = K / V;
-  const int64_t group = item / per_row, k0 = (item - group * per_row) * V, m0 = group * kExpandRows;
-  int64_t rows[kExpandRows];
-AK_UNROLL
-  for (int i = 0; i < kExpandRows; ++i) rows[i] = m0 + i < M ? m0 + i : M - 1;  // a tail row repeats the last
-  A acc[kExpandRows][V];
-AK_UNROLL
-  for (int i = 0; i < kExpandRows; ++i) {
-AK_UNROLL
+  const int64_t group = item / per_row, k0 = (item - group * per_row) * V, m0 = group * kRowsPerItem;
+  const int64_t last = M - 1;  // a tail group's missing rows read the last row's u (their sums are not stored)
+  A acc[kRowsPerItem][V];
+  AK_UNROLL
+  for (int i = 0; i < kRowsPerItem; ++i) {
+    AK_UNROLL
     for (int j = 0; j < V; ++j) acc[i][j] = A(0);
   }
   for (int r = 0; r < R; ++r) {
     const Vec<T, V> qv = load_vec<T, V>(q + r * K + k0);
     const A l = to_acc(lam[r]);
-AK_UNROLL
-    for (int i = 0; i < kExpandRows; ++i) {
-      const A u = to_acc(dt[rows[i] * R + r]) * l;
-AK_UNROLL
+    AK_UNROLL
+    for (int i = 0; i < kRowsPerItem; ++i) {
+      const A u = to_acc(dt[(m0 + i < M ? m0 + i : last) * R + r]) * l;
+      AK_UNROLL
       for (int j = 0; j < V; ++j) acc[i][j] += u * to_acc(qv.v[j]);
     }
   }
-AK_UNROLL
-  for (int i = 0; i < kExpandRows; ++i) {
+  uint32_t col_key[V];
+  column_keys<V>(col_key, k0);
+  AK_UNROLL
+  for (int i = 0; i < kRowsPerItem; ++i) {
     if (m0 + i >= M) continue;
-    const uint32_t key = dropout_row_key(seed, static_cast<uint64_t>(m0 + i));
+    const uint32_t key = threshold > 0 ? dropout_row_key(seed, static_cast<uint64_t>(m0 + i)) : 0u;
     Vec<T, V> o;
-AK_UNROLL
+    AK_UNROLL
     for (int j = 0; j < V; ++j) {
-      const bool keep = threshold == 0 || dropout_keep(key, static_cast<uint32_t>(k0 + j), threshold);
+      const bool keep = threshold == 0 || dropout_keep_keyed(key, col_key[j], threshold);
       o.v[j] = from_acc<T>(keep ? acc[i][j] * scale : A(0));
     }
     *reinterpret_cast<Vec<T, V>*>(out + (m0 + i) * K + k0) = o;
   }
 }
 
-AK_HOST_DEVICE int64_t dropout_scale_items(int64_t M, int64_t K, int V) { return M * (K / V); }
-AK_HOST_DEVICE int64_t masked_expand_items(int64_t M, int64_t K, int V) {
-  return (M + kExpandRows - 1) / kExpandRows * (K / V);
-}
+// the items of either pass: groups of kRowsPerItem rows times vectors of V columns
+AK_HOST_DEVICE int64_t pass_items(int64_t M, int64_t K, int V) { return (M + kRowsPerItem - 1) / kRowsPerItem * (K / V); }
 
 }  // namespace cuda
 }  // namespace adalora_kernels

@@ -26,9 +26,9 @@ __global__ void __launch_bounds__(kThreads) dropout_scale_kernel(const T* __rest
                                                                  T* __restrict__ xd, int64_t M, int64_t K,
                                                                  uint64_t seed, uint32_t threshold,
                                                                  typename AccOf<T>::type scale) {
-  const int64_t items = dropout_scale_items(M, K, V);
+  const int64_t items = pass_items(M, K, V);
   for (int64_t i = first_item(); i < items; i += item_stride())
-    dropout_scale_item<T, V>(i, x, sxm, sxk, xd, K, seed, threshold, scale);
+    dropout_scale_item<T, V>(i, x, sxm, sxk, xd, M, K, seed, threshold, scale);
 }
 
 template <typename T, int V>
@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) masked_expand_kernel(const T* __rest
                                                                  const T* __restrict__ q, T* __restrict__ out,
                                                                  int64_t M, int64_t K, int R, uint64_t seed,
                                                                  uint32_t threshold, typename AccOf<T>::type scale) {
-  const int64_t items = masked_expand_items(M, K, V);
+  const int64_t items = pass_items(M, K, V);
   for (int64_t i = first_item(); i < items; i += item_stride())
     masked_expand_item<T, V>(i, dt, lam, q, out, M, K, R, seed, threshold, scale);
 }
@@ -61,10 +61,10 @@ cudaError_t dropout_scale(const T* x, int64_t sxm, int64_t sxk, T* xd, int64_t M
   const auto s = static_cast<typename AccOf<T>::type>(scale);
   constexpr int kV = 16 / sizeof(T);
   if (v == kV) {
-    dropout_scale_kernel<T, kV><<<grid_for(dropout_scale_items(M, K, kV)), kThreads, 0, stream>>>(
+    dropout_scale_kernel<T, kV><<<grid_for(pass_items(M, K, kV)), kThreads, 0, stream>>>(
         x, sxm, sxk, xd, M, K, seed, threshold, s);
   } else {
-    dropout_scale_kernel<T, 1><<<grid_for(dropout_scale_items(M, K, 1)), kThreads, 0, stream>>>(
+    dropout_scale_kernel<T, 1><<<grid_for(pass_items(M, K, 1)), kThreads, 0, stream>>>(
         x, sxm, sxk, xd, M, K, seed, threshold, s);
   }
   return cudaGetLastError();
@@ -80,10 +80,10 @@ cudaError_t masked_expand(const T* dt, const T* lam, const T* q, T* out, int64_t
   const auto s = static_cast<typename AccOf<T>::type>(scale);
   constexpr int kV = 16 / sizeof(T);
   if (v == kV) {
-    masked_expand_kernel<T, kV><<<grid_for(masked_expand_items(M, K, kV)), kThreads, 0, stream>>>(
+    masked_expand_kernel<T, kV><<<grid_for(pass_items(M, K, kV)), kThreads, 0, stream>>>(
         dt, lam, q, out, M, K, R, seed, threshold, s);
   } else {
-    masked_expand_kernel<T, 1><<<grid_for(masked_expand_items(M, K, 1)), kThreads, 0, stream>>>(
+    masked_expand_kernel<T, 1><<<grid_for(pass_items(M, K, 1)), kThreads, 0, stream>>>(
         dt, lam, q, out, M, K, R, seed, threshold, s);
   }
   return cudaGetLastError();

@@ -24,12 +24,21 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("route", TRITON_ROUTES)
+ROUTE_VARIANTS = [(r, False) for r in TRITON_ROUTES] + [("triton", True)] * ("triton" in TRITON_ROUTES)
+
+
+@pytest.mark.parametrize("route,hopper", ROUTE_VARIANTS, ids=lambda v: {True: "hopper", False: ""}.get(v, v))
 @pytest.mark.parametrize("shape", [(40, 32, 24, 4), (70, 512, 48, 4), (300, 96, 160, 8)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_the_ledger_names_the_launches_that_happen(monkeypatch, route, shape, p):
+def test_the_ledger_names_the_launches_that_happen(monkeypatch, route, hopper, shape, p):
+    """The fused route twice under the interpreter: with its portable GEMMs, and with hopper.py's (as on sm_90,
+    which the ledger's default ceilings are). On a GPU the installed arch decides which run."""
     from adalora_kernels.kernels import get_backend
     from adalora_kernels.kernels.triton import adalora_linear as fused
+    from adalora_kernels.kernels.triton import hopper as hopper_gemms
+
+    if hopper:
+        monkeypatch.setattr(hopper_gemms, "FORCE_IN_INTERPRETER", True)
 
     M, K, N, r = shape
     launched = []
@@ -44,7 +53,8 @@ def test_the_ledger_names_the_launches_that_happen(monkeypatch, route, shape, p)
         _, t = kernels.linear_forward(x, w, b, P, lam, Q, p, 3)
         kernels.linear_backward(g, x, w, P, lam, Q, t, p, 3, True, True)
     sms = fused._sm_count(DEVICE)
-    book = launches(route, Shape(M, K, N, r, "float32", p), {"sms": sms})
+    arch = 90 if hopper_gemms.usable(torch.float32, x, w, g) else 80
+    book = launches(route, Shape(M, K, N, r, "float32", p), {"sms": sms, "arch": arch})
     expected = Counter(row.kernel.split(" (")[0] for row in book if row.engine == "triton")
     assert Counter(launched) == expected
     cublas = sum(row.engine == "cublas" for row in book)

@@ -28,6 +28,7 @@ DEFAULT_CEILINGS = {
     "copy_gbps": 4300.0,  # a 1 GiB device-to-device copy, bytes read plus written (KINDS.md, 2026-10-28)
     "launch_us": 2.0,  # a kernel's own start inside a CUDA graph (an assumption, checked by the kernel table)
     "sms": 132,
+    "arch": 90,  # sm_90: the fused route's GEMMs are the Hopper ones (kernels/triton/hopper.py)
 }
 
 
@@ -159,19 +160,23 @@ def _torch(b: _Book) -> None:
     b.gemm("mm: dQ = uᵀ drop(x)", r, K, M)
 
 
-def _triton(b: _Book, sms: int) -> None:
+def _triton(b: _Book, sms: int, arch: int) -> None:
+    """The fused route; from sm_90 its two GEMMs are hopper.py's (the same operands and bytes, through TMA)."""
     s = b.s
+    hopper = arch >= 90
+    fwd_gemm = "_tma_fwd_kernel" if hopper else "_fused_fwd_kernel"
+    dx_gemm = "_tma_dx_kernel" if hopper else "_fused_dx_bwd_kernel"
     M, K, N, r, E, A = s.M, s.K, s.N, s.r, s.E, s.A
     splits = grids.splits_for(grids.cdiv(M, grids.ROW_TILE), K, sms)
     b.add("_shrink_fwd_kernel", "triton", E * (M * K + r * K), (A * splits if splits > 1 else E) * M * r, 2 * M * K * r)
     if splits > 1:
         b.add("sum, copy_: t from partials", "aten", A * splits * M * r, E * M * r)
-    b.add("_fused_fwd_kernel", "triton", E * (M * K + N * K + M * r + N * r + N), E * M * N,
+    b.add(fwd_gemm, "triton", E * (M * K + N * K + M * r + N * r + N), E * M * N,
           2 * M * N * K + 2 * M * N * r)  # fmt: skip
     b.phase = "bwd"
     b.add("zeros: dλ partials", "aten", 0, A * grids.cdiv(M, 16) * r)
     b.add("_dt_bwd_kernel", "triton", E * (M * N + N * r + M * r), A * M * r, 2 * M * N * r)
-    b.add("_fused_dx_bwd_kernel", "triton", E * (M * N + N * K + r * K) + A * M * r, E * M * K,
+    b.add(dx_gemm, "triton", E * (M * N + N * K + r * K) + A * M * r, E * M * K,
           2 * M * K * N + 2 * M * K * r)  # fmt: skip
     for what, length, width in (("dQ", K, K), ("dPᵀ", N, N)):
         parts = grids.splits_for(grids.cdiv(length, grids.ROW_TILE), M, sms)
@@ -252,7 +257,7 @@ def launches(route: str, shape: Shape, ceilings: dict | None = None) -> list[Lau
     elif route == "torch":
         _torch(book)
     elif route == "triton":
-        _triton(book, c["sms"])
+        _triton(book, c["sms"], c["arch"])
     elif route == "triton_split":
         _triton_split(book, c["sms"])
     else:

@@ -5,6 +5,9 @@ Backward: (3) one pass over g: ``u = (g P) · λeff`` and ``dλeff = Σ_rows (g 
           (4) ``dx = g W + drop'(u Q)`` with the adapter in the epilogue;
           (5) the rank-r reductions over rows ``dQ = uᵀ drop(x)`` and ``dPᵀ = (t · λeff)ᵀ g``.
 
+From sm_90 on, (2) and (4) run as ``hopper.py``'s persistent TMA GEMMs (same operands, epilogues and mask bits)
+wherever the layouts allow TMA; these portable kernels everywhere else.
+
 No atomics: a reduction over rows that is split across programs (for parallelism at small token counts)
 writes one partial per split, summed in a fixed order, so every result is bitwise reproducible
 (``torch.use_deterministic_algorithms`` holds by construction). Offsets are int64 (``_offsets``).
@@ -100,6 +103,40 @@ def _swizzle(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     return pid_m, pid_n
 
 
+@triton.jit
+def _forward_epilogue(acc, b_ptr, t_ptr, p_ptr, lam_ptr, rows, rn, M, N, R, stride_tm, stride_tr, stride_pn,
+                      stride_pr, in_dtype: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADAPTER: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """The forward GEMMs' epilogue on the ``rows × rn`` tile: ``+ (t · λeff) Pᵀ`` (an r-wide product, u rounded to
+    the input dtype as PEFT's) and the bias."""
+    if HAS_ADAPTER:
+        rr = tl.arange(0, BLOCK_R)
+        t = _load_tile(t_ptr, rows, rr, stride_tm, stride_tr, M, R)
+        lam = tl.load(lam_ptr + rr, mask=rr < R, other=0.0).to(acc.dtype)
+        u = (t.to(acc.dtype) * lam[None, :]).to(in_dtype)
+        pt = _load_tile(p_ptr, rr, rn, stride_pr, stride_pn, R, N)
+        acc += tl.dot(u, pt, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(acc.dtype)[None, :]
+    return acc
+
+
+@triton.jit
+def _dx_adapter(u_ptr, q_ptr, rows, cols, col0, M, K, R, stride_qr, stride_qk, seed, p, keep_scale,
+                HAS_DROPOUT: tl.constexpr, IS_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """The adapter's share of the dx GEMMs' ``rows × cols`` tile (columns from ``col0``): ``drop'(u Q)``, the mask
+    regenerated from the seed."""
+    rr = tl.arange(0, BLOCK_R)
+    u = _load_tile(u_ptr, rows, rr, R, 1, M, R)
+    q = _load_tile(q_ptr, rr, cols, stride_qr, stride_qk, R, K)
+    adapter = tl.dot(u.to(q.dtype), q, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, rows, col0, p, BLOCK_M, BLOCK_N)
+        adapter = tl.where(keep, _scaled(adapter, keep_scale, IS_FP64), 0.0)
+    return adapter
+
+
 # ----------------------------------------------------------------------------------------------- kernels
 
 
@@ -169,15 +206,9 @@ def _fused_fwd_kernel(
         x = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, M, K)
         w = _load_tile(w_ptr, cols, rn, stride_wk, stride_wn, K, N)
         acc += tl.dot(x, w, input_precision=DOT_PRECISION)
-    if HAS_ADAPTER:  # epilogue: + (t · λeff) Pᵀ, an r-wide product in the same tile
-        rr = tl.arange(0, BLOCK_R)
-        t = _load_tile(t_ptr, rows, rr, stride_tm, stride_tr, M, R)
-        lam = tl.load(lam_ptr + rr, mask=rr < R, other=0.0).to(acc_dtype)
-        u = (t.to(acc_dtype) * lam[None, :]).to(x_ptr.dtype.element_ty)
-        pt = _load_tile(p_ptr, rr, rn, stride_pr, stride_pn, R, N)
-        acc += tl.dot(u, pt, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(acc_dtype)[None, :]
+    acc = _forward_epilogue(acc, b_ptr, t_ptr, p_ptr, lam_ptr, rows, rn, M, N, R,
+                            stride_tm, stride_tr, stride_pn, stride_pr, x_ptr.dtype.element_ty,
+                            HAS_BIAS, HAS_ADAPTER, DOT_PRECISION, BLOCK_R)  # fmt: skip
     _store_tile(y_ptr, rows, rn, stride_ym, stride_yn, M, N, acc.to(y_ptr.dtype.element_ty))
 
 
@@ -246,15 +277,10 @@ def _fused_dx_bwd_kernel(
         g = _load_tile(g_ptr, rows, rn, stride_gm, stride_gn, M, N)
         w = _load_tile(w_ptr, rn, cols, stride_wn, stride_wk, N, K)
         acc += tl.dot(g, w, input_precision=DOT_PRECISION)
-    if HAS_ADAPTER:  # epilogue: + drop'(u Q)
-        rr = tl.arange(0, BLOCK_R)
-        u = _load_tile(u_ptr, rows, rr, R, 1, M, R)
-        q = _load_tile(q_ptr, rr, cols, stride_qr, stride_qk, R, K)
-        adapter = tl.dot(u.to(q.dtype), q, input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _keep_mask(seed, rows, pid_k * BLOCK_N, p, BLOCK_M, BLOCK_N)
-            adapter = tl.where(keep, _scaled(adapter, keep_scale, IS_FP64), 0.0)
-        acc += adapter
+    if HAS_ADAPTER:
+        col0 = pid_k * BLOCK_N
+        acc += _dx_adapter(u_ptr, q_ptr, rows, cols, col0, M, K, R, stride_qr, stride_qk, seed, p, keep_scale,
+                           HAS_DROPOUT, IS_FP64, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
     _store_tile(dx_ptr, rows, cols, stride_dxm, stride_dxk, M, K, acc.to(dx_ptr.dtype.element_ty))
 
 
@@ -486,6 +512,14 @@ def _refuse_interpreted_bfloat16(dtype: torch.dtype) -> None:
         )
 
 
+@functools.cache
+def _hopper():
+    """The Hopper GEMMs (``hopper.py``), which import from this module: imported on first use."""
+    from . import hopper
+
+    return hopper
+
+
 def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
     _refuse_interpreted_bfloat16(x2.dtype)
     M, K = x2.shape
@@ -503,7 +537,9 @@ def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
         )  # fmt: skip
         if splits > 1:
             t.copy_(part.sum(0))
-    if M > 0:
+    if M > 0 and _hopper().usable(x2.dtype, x2, weight, y):
+        _hopper().forward_gemm(x2, weight, bias, t, P, lam_eff, y, meta)
+    elif M > 0:
         _launch_fused_fwd(lambda c: (_cdiv(M, c["BLOCK_M"]) * _cdiv(N, c["BLOCK_N"]),),
             x2, weight, bias if bias is not None else y, t, P, lam_eff, y, M, N, K, R, m_bucket(M),
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
@@ -532,7 +568,9 @@ def linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, 
     dx = None
     if need_dx:
         dx = torch.empty(M, K, dtype=x2.dtype, device=x2.device)
-        if M > 0:
+        if M > 0 and _hopper().usable(x2.dtype, g2, weight, dx):
+            _hopper().dx_gemm(g2, weight, u, Q, dx, _dropout_args(dropout_p, seed), dropout_p > 0.0, has_adapter, meta)
+        elif M > 0:
             _launch_fused_dx_bwd(lambda c: (_cdiv(M, c["BLOCK_M"]) * _cdiv(K, c["BLOCK_N"]),),
                 g2, weight, u, Q, dx, M, N, K, R, m_bucket(M),
                 g2.stride(0), g2.stride(1), weight.stride(0), weight.stride(1), Q.stride(0), Q.stride(1),

@@ -128,6 +128,39 @@ def get_autotune_configs() -> list[triton.Config]:
     return [*configs, small] if autotune_enabled() else [configs[2], small]
 
 
+def get_hopper_configs() -> list[triton.Config]:
+    """Tiles for the Hopper GEMMs (hopper.py): the GEMM kernels' on a GPU; under the interpreter one 128 wide, so
+    the CPU tests run the epilogue's two-halves store too."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 4})]
+    return get_autotune_configs()
+
+
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K) of the Hopper GEMMs that the compile sweep (sm_90, 16-bit) found over the shared
+# memory (TMA staging and the epilogue take more than shared_memory_need counts) or spilling, per GEMM, rank bucket
+# and dropout: never kept.
+_HOPPER_FAILS = {
+    ("fwd", 128, False): {(128, 128, 64)},  # 246528 bytes of shared memory
+    ("dx", 128, False): {(128, 128, 64)},  # 344064 bytes
+    ("dx", 128, True): {(128, 128, 64)},
+    ("dx", 64, True): {(128, 128, 64)},  # 40 bytes of spill per thread
+}
+
+
+def hopper_prune(gemm: str):
+    """The prune of one Hopper GEMM (``fwd`` or ``dx``): the tiles the compile sweep saw fail for this rank bucket,
+    then shared memory and register pressure as for the other kernels."""
+
+    def prune(configs, named_args, **kwargs):
+        r_block = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
+        bucket = 16 if r_block <= 16 else 64 if r_block <= 64 else 128
+        banned = _HOPPER_FAILS.get((gemm, bucket, bool(kwargs.get("HAS_DROPOUT", False))), set())
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) not in banned]
+        return prune_by_shared_memory(kept or configs[-1:], named_args, **kwargs)
+
+    return prune
+
+
 def get_rowblock_configs() -> list[triton.Config]:
     """Tiles for the kernels that stream rows (the shrink, the one-pass dt/dP/dλ, dQ)."""
     if INTERPRET:

@@ -7,7 +7,8 @@ keeps every row it made); the Triton launches' tuning goes to ``DIR/autotune.jso
 Profiles (DESIGN §6): ``smoke``, the main shape (8192×4096×4096, r = 16, bf16) at dropout 0 and 0.1, fwd+bwd as
 CUDA-graph replays beside the eager step, and the profiler's kernel table, then the same over an nf4 base
 (bitsandbytes' ``Linear4bit``; PEFT's ``SVDLinear4bit`` against ours, where bitsandbytes imports); ``bench`` adds
-fwd and bwd alone, r = 64, the other LLaMA shapes, the per-call cost, the allocator step and memory; ``model``, whole
+fwd and bwd alone, r = 64, the other LLaMA shapes, the fused route with its portable GEMMs (on sm_90 the rows above
+time it with hopper.py's), the per-call cost, the allocator step and memory; ``model``, whole
 training steps of a 4-layer LLaMA-7B-wide model at 8192 tokens (``adalora-kernels bench-model``) at both rates.
 ``--dry-run``: the same stages on the CPU at tiny shapes in float32 (the GPU-only parts say so in their rows).
 
@@ -116,6 +117,24 @@ def cases(profile: str, dry: bool) -> list[dict]:
     return out
 
 
+def portable_gemm_rows(dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
+    """The main shape's fused route (``triton``) with its portable GEMMs, beside the frozen layer, at both rates
+    (rows ``"gemms": "portable"``): on sm_90 the other rows time it with hopper.py's, so one lease compares them."""
+    try:
+        from adalora_kernels.kernels.triton import hopper
+    except ImportError:
+        return []
+    out = []
+    hopper.ENABLED = False
+    try:
+        for p in (0.0, 0.1):
+            case = bm.make_case(*(DRY["main"] if dry else MAIN), 16, dtype, p, device, variants=["linear", "triton"])
+            out += [{**row, "gemms": "portable"} for row in bm.timing_rows(case, "fwd_bwd", rounds=20, graphs=True)]
+    finally:
+        hopper.ENABLED = True
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=["smoke", "bench", "model"], default="smoke")
@@ -162,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.profile == "bench":
+        rows.add(portable_gemm_rows(dtype, device, dry))
         from types import SimpleNamespace
 
         from adalora_kernels.cli import allocator_rows

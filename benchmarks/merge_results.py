@@ -61,8 +61,10 @@ def main(directory: str) -> Path | None:
     for row in merged["rows"]:
         if "ms" not in row or row.get("host_overhead") or row["op"] == "model_step":
             continue
-        shape = f"{row['tokens']}×{row['in']}×{row['out']}" + (
-            f" {row['base']}" if row.get("base", "linear") != "linear" else ""
+        shape = (
+            f"{row['tokens']}×{row['in']}×{row['out']}"
+            + (f" {row['base']}" if row.get("base", "linear") != "linear" else "")
+            + (f" {row['gemms']} GEMMs" if "gemms" in row else "")
         )
         graph = "graph_" if "graph_ms" in row else ""
         print(f"{row['op']:<8}{row['variant']:<14}{shape:<22}{row['r']:>3}{row['dropout']:>5}"

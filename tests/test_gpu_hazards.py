@@ -384,8 +384,36 @@ def test_gpu_check_times_an_nf4_base_and_its_table_names_the_base(tmp_path, caps
         assert [(c["shape"], c["r"], c["p"]) for c in nf4] == [(timing.MAIN, 16, 0.0), (timing.MAIN, 16, 0.1)]
     env = {"op": "environment", "device": "GPU X", "date": "d", "torch": "t", "commit": "c" * 40}
     common = {"op": "fwd_bwd", "variant": "peft", "tokens": 8, "in": 4, "out": 4, "r": 2, "dropout": 0.0}
-    rows = [env, {**common, "ms": 1.0}, {**common, "base": "nf4", "ms": 2.0}]
+    rows = [env, {**common, "ms": 1.0}, {**common, "base": "nf4", "ms": 2.0}, {**common, "gemms": "portable", "ms": 3}]
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     merge.main(str(tmp_path))
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fwd_bwd")]
-    assert len(table) == 2 and "8×4×4 nf4" in table[1] and "nf4" not in table[0]
+    assert len(table) == 3 and "8×4×4 nf4" in table[1] and "nf4" not in table[0]
+    assert "8×4×4 portable GEMMs" in table[2]  # the bench profile's fused route with its portable GEMMs
+
+
+def test_gpu_timing_bench_times_the_fused_route_with_its_portable_gemms_too(monkeypatch):
+    """On sm_90 the fused route runs hopper.py's GEMMs; the bench profile times it again with them off (rows
+    ``"gemms": "portable"``) and turns them back on, also when a timing fails."""
+    import importlib.util
+
+    from adalora_kernels import benchmarking as bm
+    from adalora_kernels.kernels.triton import hopper
+
+    spec = importlib.util.spec_from_file_location("gpu_timing", ROOT / "benchmarks" / "gpu_timing.py")
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    seen = []
+
+    def fake_rows(case, mode, rounds, graphs):
+        seen.append((hopper.ENABLED, sorted(case.variants), case.dropout, graphs))
+        return [{"op": mode, "variant": v, "ms": 1.0} for v in case.variants]
+
+    monkeypatch.setattr(bm, "timing_rows", fake_rows)
+    rows = timing.portable_gemm_rows(torch.float32, torch.device("cpu"), dry=True)
+    assert seen == [(False, ["linear", "triton"], p, True) for p in (0.0, 0.1)] and hopper.ENABLED
+    assert len(rows) == 4 and all(r["gemms"] == "portable" for r in rows)
+    monkeypatch.setattr(bm, "timing_rows", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        timing.portable_gemm_rows(torch.float32, torch.device("cpu"), dry=True)
+    assert hopper.ENABLED

@@ -24,6 +24,7 @@ autograd's backward runs on another one), so each launch makes sure one is set.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -33,6 +34,8 @@ from .adalora_linear import _UNSPECIALISED, _dx_adapter, _forward_epilogue, _Lau
 from .config import INTERPRET, get_hopper_configs, hopper_prune, target_arch
 
 HAS_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
+# ADALORA_KERNELS_HOPPER_GEMMS=0 keeps the portable GEMMs on sm_90 as well (gpu_timing's bench times both ways)
+ENABLED = os.environ.get("ADALORA_KERNELS_HOPPER_GEMMS", "1") != "0"
 FORCE_IN_INTERPRETER = False  # the tests set it to run these kernels under TRITON_INTERPRET=1
 _DTYPES = (torch.float16, torch.bfloat16)  # the GEMMs these are for; float32 (an FMA dot) stays portable
 
@@ -41,7 +44,7 @@ def usable(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
     """Whether the Hopper kernels take a launch whose streamed 2-D tensors are ``tensors``: the compile target is
     sm_90 or later (or the interpreter, where the tests ask for it), the dtype 16-bit, and every tensor has unit
     column stride and a 16-byte aligned start and row stride."""
-    if not HAS_DESCRIPTORS:
+    if not (HAS_DESCRIPTORS and ENABLED):
         return False
     if INTERPRET:  # where a test asks; float32 too there (the interpreter's dot is exact, the kernels dtype-generic)
         if not FORCE_IN_INTERPRETER or dtype not in (*_DTYPES, torch.float32):

@@ -89,6 +89,7 @@ def test_usable_only_for_tma_layouts(monkeypatch):
     assert hopper.usable(torch.float32, a.float()) == INTERPRET  # float32: the interpreter's tests only
     assert not hopper.usable(torch.float16, a.t())  # a column stride other than 1
     assert not hopper.usable(torch.float16, a[:, 1:])  # a start 2 bytes past alignment
+    assert not hopper.usable(torch.float16, a[:0])  # nothing to describe
     rows_132 = torch.randn(8, 66, device=DEVICE, dtype=torch.float16)[:, :64]
     assert not hopper.usable(torch.float16, rows_132)  # a row stride of 132 bytes
     if INTERPRET:

@@ -42,8 +42,8 @@ _DTYPES = (torch.float16, torch.bfloat16)  # the GEMMs these are for; float32 (a
 
 def usable(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
     """Whether the Hopper kernels take a launch whose streamed 2-D tensors are ``tensors``: the compile target is
-    sm_90 or later (or the interpreter, where the tests ask for it), the dtype 16-bit, and every tensor has unit
-    column stride and a 16-byte aligned start and row stride."""
+    sm_90 or later (or the interpreter, where the tests ask for it), the dtype 16-bit, and every tensor is non-empty
+    with unit column stride and a 16-byte aligned start, row stride and row."""
     if not (HAS_DESCRIPTORS and ENABLED):
         return False
     if INTERPRET:  # where a test asks; float32 too there (the interpreter's dot is exact, the kernels dtype-generic)
@@ -53,9 +53,10 @@ def usable(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
         return False
     size = dtype.itemsize
     return all(
-        t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0 and (t.shape[1] * size) % 16 == 0
+        t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+        and (t.shape[1] * size) % 16 == 0
         for t in tensors
-    )
+    )  # fmt: skip
 
 
 @functools.cache

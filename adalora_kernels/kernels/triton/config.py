@@ -36,20 +36,27 @@ def shared_memory_bytes() -> int:
 _STREAMED = ("x_ptr", "g_ptr", "b_ptr")  # the operand each kernel streams through its main loop
 
 
-def shared_memory_need(config, element_size: int, r_block: int) -> int:
+def shared_memory_need(config, element_size: int, r_block: int, tma: str | None = None) -> int:
     """Bytes of shared memory a config stages: the pipelined dot operands of the main loop, and for the GEMM
-    kernels the r-wide adapter operands of the epilogue (one buffer each)."""
+    kernels the r-wide adapter operands of the epilogue (one buffer each). ``tma`` (``"fwd"`` or ``"dx"``, the
+    Hopper GEMMs of hopper.py) adds what the compile sweep saw those take beside: the output tile staged for the TMA
+    store (half a tile where stored in halves), dx's u in float32, and barriers and scratch (4 KiB; 8 KiB in dx,
+    whose dropout mask takes some)."""
     m, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
     if "BLOCK_N" in config.kwargs:  # GEMMs: m×k and k×n per stage, the epilogue's m×r and r×n once
         n = config.kwargs["BLOCK_N"]
-        return ((m * k + k * n) * max(config.num_stages, 1) + (m + n) * r_block) * element_size
+        need = ((m * k + k * n) * max(config.num_stages, 1) + (m + n) * r_block) * element_size
+        if tma is not None:
+            u_extra = m * r_block * (4 - element_size) if tma == "dx" else 0
+            need += m * (n // 2 if n >= 128 else n) * element_size + max(u_extra, 0) + (8192 if tma == "dx" else 4096)
+        return need
     return (m * k + (m + k) * r_block) * element_size * max(config.num_stages, 1)  # row kernels: m×k, m×r | k×r
 
 
-def prune_by_shared_memory(configs, named_args, **kwargs):
+def prune_by_shared_memory(configs, named_args, tma: str | None = None, **kwargs):
     """Drop the tiles whose staged operands overflow shared memory for the streamed operand's dtype and this
     rank (fp64 and r = 128 need smaller ones), and those that spill registers (``spills``); with autotuning
-    off, keep only the first that fits."""
+    off, keep only the first that fits. ``tma``: the Hopper GEMM being pruned (``shared_memory_need``)."""
     streamed = next((named_args[n] for n in _STREAMED if n in named_args), None)
     size = streamed.element_size() if streamed is not None else 4
     r_block = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
@@ -57,8 +64,8 @@ def prune_by_shared_memory(configs, named_args, **kwargs):
     fitting = [
         c
         for c in configs
-        if shared_memory_need(c, size, r_block) <= limit and not spills(c, size, r_block, kwargs, arch)
-    ] or [min(configs, key=lambda c: shared_memory_need(c, size, r_block))]
+        if shared_memory_need(c, size, r_block, tma) <= limit and not spills(c, size, r_block, kwargs, arch)
+    ] or [min(configs, key=lambda c: shared_memory_need(c, size, r_block, tma))]
     return fitting if autotune_enabled() else fitting[:1]
 
 
@@ -156,7 +163,7 @@ def hopper_prune(gemm: str):
         bucket = 16 if r_block <= 16 else 64 if r_block <= 64 else 128
         banned = _HOPPER_FAILS.get((gemm, bucket, bool(kwargs.get("HAS_DROPOUT", False))), set())
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) not in banned]
-        return prune_by_shared_memory(kept or configs[-1:], named_args, **kwargs)
+        return prune_by_shared_memory(kept or configs[-1:], named_args, tma=gemm, **kwargs)
 
     return prune
 

@@ -95,3 +95,14 @@ def test_usable_only_for_tma_layouts(monkeypatch):
     if INTERPRET:
         monkeypatch.setattr(hopper, "FORCE_IN_INTERPRETER", False)
         assert not hopper.usable(torch.float16, a)  # the interpreter takes them only when a test asks
+
+
+def test_rocm_gpus_never_take_them(monkeypatch):
+    """ROCm reports MI300 as capability 9.4: not Hopper, so the portable kernels run there."""
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 4))
+    hopper._cuda_arch.cache_clear()
+    try:
+        assert hopper._cuda_arch(0) == 0
+    finally:
+        hopper._cuda_arch.cache_clear()

@@ -61,6 +61,10 @@ def usable(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
 
 @functools.cache
 def _cuda_arch(index: int) -> int:
+    """NVIDIA's compute capability of GPU ``index``; 0 on ROCm, whose capability numbers (9.4 for MI300) are not
+    Hopper's and whose GPUs these kernels are not for."""
+    if torch.version.hip is not None:
+        return 0
     major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 

@@ -47,8 +47,8 @@ def shared_memory_need(config, element_size: int, r_block: int, tma: str | None 
         n = config.kwargs["BLOCK_N"]
         need = ((m * k + k * n) * max(config.num_stages, 1) + (m + n) * r_block) * element_size
         if tma is not None:
-            u_extra = m * r_block * (4 - element_size) if tma == "dx" else 0
-            need += m * (n // 2 if n >= 128 else n) * element_size + max(u_extra, 0) + (8192 if tma == "dx" else 4096)
+            u_extra = m * r_block * max(4 - element_size, 0) if tma == "dx" else 0
+            need += m * (n // 2 if n >= 128 else n) * element_size + u_extra + (8192 if tma == "dx" else 4096)
         return need
     return (m * k + (m + k) * r_block) * element_size * max(config.num_stages, 1)  # row kernels: m×k, m×r | k×r
 
@@ -135,6 +135,12 @@ def get_autotune_configs() -> list[triton.Config]:
     return [*configs, small] if autotune_enabled() else [configs[2], small]
 
 
+def _without(configs, banned: set, tile) -> list:
+    """``configs`` less those whose ``tile(config)`` the compile sweep banned; the last (smallest) where none is
+    left."""
+    return [c for c in configs if tile(c) not in banned] or configs[-1:]
+
+
 def get_hopper_configs() -> list[triton.Config]:
     """Tiles for the Hopper GEMMs (hopper.py): the GEMM kernels' on a GPU; under the interpreter one 128 wide, so
     the CPU tests run the epilogue's two-halves store too."""
@@ -144,8 +150,8 @@ def get_hopper_configs() -> list[triton.Config]:
 
 
 # Tiles (BLOCK_M, BLOCK_N, BLOCK_K) of the Hopper GEMMs that the compile sweep (sm_90, 16-bit) found over the shared
-# memory (TMA staging and the epilogue take more than shared_memory_need counts) or spilling, per GEMM, rank bucket
-# and dropout: never kept.
+# memory (at r <= 128 more than even shared_memory_need's TMA terms count) or spilling, per GEMM, rank bucket and
+# dropout: never kept.
 _HOPPER_FAILS = {
     ("fwd", 128, False): {(128, 128, 64)},  # 246528 bytes of shared memory
     ("dx", 128, False): {(128, 128, 64)},  # 344064 bytes
@@ -162,8 +168,8 @@ def hopper_prune(gemm: str):
         r_block = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
         bucket = 16 if r_block <= 16 else 64 if r_block <= 64 else 128
         banned = _HOPPER_FAILS.get((gemm, bucket, bool(kwargs.get("HAS_DROPOUT", False))), set())
-        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) not in banned]
-        return prune_by_shared_memory(kept or configs[-1:], named_args, tma=gemm, **kwargs)
+        kept = _without(configs, banned, lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))
+        return prune_by_shared_memory(kept, named_args, tma=gemm, **kwargs)
 
     return prune
 
@@ -226,7 +232,7 @@ def split_prune(family: str):
         r_block = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
         key = (family, 16 if r_block <= 16 else 64)
         banned = _SPLIT_SPILLS[key] | (_SPLIT_SPILLS_OLDER_TRITON.get(key, set()) if OLDER_TRITON else set())
-        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps) not in banned]
-        return prune_by_shared_memory(kept or configs[-1:], named_args, **kwargs)
+        kept = _without(configs, banned, lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps))
+        return prune_by_shared_memory(kept, named_args, **kwargs)
 
     return prune

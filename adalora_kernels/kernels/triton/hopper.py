@@ -29,6 +29,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from .adalora_linear import _UNSPECIALISED, _dx_adapter, _forward_epilogue, _Launch, _sm_count, _swizzle, m_bucket
 from .config import INTERPRET, get_hopper_configs, hopper_prune, target_arch
@@ -173,8 +174,6 @@ def _ensure_allocator(device: torch.device) -> None:
     """The device descriptors' scratch comes from torch's caching allocator, unless the caller set another."""
     if device.type != "cuda":
         return
-    from triton.runtime import _allocation
-
     if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
         triton.set_allocator(_torch_scratch)
 

@@ -1,7 +1,6 @@
 """The native (csrc) backend: its TORCH_CHECKs and its dropout mask (the maths is in the shared tests)."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -67,31 +66,6 @@ def test_mask_rate_independence_and_determinism():
     assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
     # the mask of a row depends on the row, not on how many rows there are
     assert torch.equal(keep_mask("csrc", (70, 512), 0.3, 5), keep[:70])
-
-
-def _fmix32(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
-def _keep(seed: int, row: int, col: int, p: float) -> bool:
-    """``csrc/dropout_hash.h`` written out in Python: the mask is this formula, whatever loop computes it."""
-    lo, hi = seed & 0xFFFFFFFF, seed >> 32
-    row_key = _fmix32(_fmix32(lo ^ 0x9E3779B9) ^ hi ^ _fmix32((row + 0x7F4A7C15) & 0xFFFFFFFF) ^ (row >> 32))
-    col_key = _fmix32((col * 0x9E3779B1 + 0x632BE5AB) & 0xFFFFFFFF)
-    threshold = math.ceil(p * 2**24)
-    return (_fmix32(col_key ^ row_key) >> 8) >= threshold
-
-
-@pytest.mark.parametrize("seed", [5, 2**40 + 3])
-def test_mask_is_the_documented_hash(seed):
-    rows, cols, p = 70, 37, 0.25
-    keep = keep_mask("csrc", (rows, cols), p, seed).cpu()
-    expected = torch.tensor([[_keep(seed, r, c, p) for c in range(cols)] for r in range(rows)])
-    assert torch.equal(keep, expected)
 
 
 def _run_with_isa(isa: str, script: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """The csrc CUDA backend's streaming passes, run on the CPU: ``csrc/cuda/adapter_passes.cuh`` compiled with the
 host compiler (``tests/cuda_passes_host.cpp``), every item of a pass in turn, as the CUDA kernels' grid-stride
-loops run them. Checked against the fp64 reference, with the keep-mask of the C++ CPU build (the same hash), in
+loops run them. Checked against the fp64 reference and its keep-mask (DESIGN §4's Philox mask, every backend's), in
 float32 and float64 at every vector width the launcher can pick. The 16-bit instantiations run in the GPU tier."""
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import keep_mask, runnable_backends
+
+from adalora_kernels.reference import dropout_keep_mask, dropout_threshold
 
 ROOT = Path(__file__).resolve().parent.parent
 CXX = shutil.which("g++") or shutil.which("c++")
 
 if CXX is None:
     pytest.skip("no host C++ compiler", allow_module_level=True)
-if "csrc" not in runnable_backends():
-    pytest.skip("the native extension (its CPU keep-mask) is not built here", allow_module_level=True)
 
 I64, U64, U32, INT, P = ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p
 
@@ -74,7 +73,7 @@ def masked_expand(lib, dt, lam, Q, p, v):
 def test_dropout_scale_is_the_cpu_builds_mask_times_the_scale_at_every_width(lib, dtype):
     M, K, p = 13, 40, 0.3
     x = torch.randn(M, K, dtype=dtype)
-    keep = keep_mask("csrc", (M, K), p, SEED, torch.device("cpu"))
+    keep = dropout_keep_mask((M, K), p, SEED)
     want = torch.where(keep, x * torch.tensor(1.0 / (1.0 - p), dtype=dtype), torch.zeros((), dtype=dtype))
     for v in widths(dtype):
         assert torch.equal(dropout_scale(lib, x, p, None, v), want), v
@@ -94,13 +93,19 @@ def test_masked_expand_matches_the_fp64_reference_at_every_width(lib, dtype, p):
     M, K, R = 13, 40, 5  # 13 rows: the last group of four holds one row
     g = torch.Generator().manual_seed(3)
     dt, lam, Q = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((M, R), (R,), (R, K)))
-    keep = keep_mask("csrc", (M, K), p, SEED, torch.device("cpu")) if p > 0 else torch.ones(M, K, dtype=torch.bool)
+    keep = dropout_keep_mask((M, K), p, SEED) if p > 0 else torch.ones(M, K, dtype=torch.bool)
     want = ((dt * lam) @ Q) * keep / (1.0 - p)
     tol = {torch.float32: 1e-5, torch.float64: 1e-13}[dtype]
     for v in widths(dtype):
         got = masked_expand(lib, dt.to(dtype), lam.to(dtype), Q.to(dtype), p, v)
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=f"width {v}")
         assert torch.equal(got == 0, ~keep), v  # dropped exactly where the mask says, nothing else zero
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-9, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9999, 0.9999999, 0.123456789])
+def test_the_cpp_threshold_is_the_references(lib, p):
+    """``dropout_threshold`` in dropout_philox.h, the one every csrc path (CPU and CUDA) compares against."""
+    assert lib.ak_dropout_threshold(p) == dropout_threshold(p)
 
 
 def test_masked_expand_without_ranks_writes_zeros(lib):

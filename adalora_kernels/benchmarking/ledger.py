@@ -123,12 +123,12 @@ def _linear_backward(b: _Book) -> None:
 
 
 def _torch_mask(b: _Book) -> None:
-    """The torch backend's dropout scale: a fp32 uniform draw, compared, cast and scaled (then x * scale)."""
+    """The torch backend's dropout scale on CUDA: the Philox keep-mask (the Triton mask kernel, a byte per
+    element), cast and scaled (then x * scale)."""
     s = b.s
     MK = s.M * s.K
-    b.add("rand: uniform", "aten", 0, 4 * MK)
-    b.add("ge_: >= p", "aten", 4 * MK, 4 * MK)
-    b.add("to: dtype", "aten", 4 * MK, s.E * MK)
+    b.add("_keep_mask_kernel: Philox mask", "triton", 0, MK)
+    b.add("to: dtype", "aten", MK, s.E * MK)
     b.elementwise("mul_: / (1 - p)", MK, MK)
     b.elementwise("mul: x * scale", 2 * MK, MK)
 

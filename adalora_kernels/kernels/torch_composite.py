@@ -1,4 +1,4 @@
-"""The torch composite backend: ATen GEMMs accumulating in place, dropout from a seeded torch generator.
+"""The torch composite backend: ATen GEMMs accumulating in place, DESIGN §4's Philox dropout mask.
 
 Runs on any device; it is what the CPU uses when the native extension is not built.
 """
@@ -8,43 +8,74 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import reference
+
 
 def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-_MASK64 = (1 << 64) - 1
+_U32 = 0xFFFFFFFF
+_ROWS_PER_DRAW = 256  # rows of words drawn at a time on the CPU: the int64 temporaries stay in cache
 
 
-def generator_seed(seed: int, device: torch.device) -> int:
-    """The seed handed to torch's generator for dropout seed ``seed``. The CPU generator (mt19937) keeps only the
-    low 32 bits of its seed, so there all 64 bits are mixed first (splitmix64's finaliser, then the halves
-    folded): seeds that differ only in their high bits draw different masks (two seeds still share one with
-    probability 2⁻³²). CUDA's Philox generator takes the 64-bit seed as it is."""
-    if device.type != "cpu":
-        return seed
-    z = seed & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
-    return (z ^ (z >> 32)) & 0xFFFFFFFF
+def _philox_words(seed: int, c0: Tensor, c1: Tensor) -> Tensor:
+    """Philox4x32-10 (DESIGN §4, ``reference.philox4x32``) as whole-tensor int64 ops, the four words stacked last.
+    A product of two 32-bit values is taken modulo 2⁶⁴ in int64 (two's complement wraps on every device torch
+    runs on) and its halves read with a shift and a mask; the reference computes the same without overflow, and
+    the tests hold the two equal."""
+    c0, c1 = torch.broadcast_tensors(c0, c1)
+    c0, c1 = c0.clone(memory_format=torch.contiguous_format), c1.contiguous()  # c0 is updated in place
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        pb = c2.mul_(0xCD9E8D57)
+        pa = c0.mul_(0xD2511F53)
+        c0 = (pb >> 32).bitwise_and_(_U32).bitwise_xor_(c1).bitwise_xor_(k0)
+        c2 = (pa >> 32).bitwise_and_(_U32).bitwise_xor_(c3).bitwise_xor_(k1)
+        c1, c3 = pb.bitwise_and_(_U32), pa.bitwise_and_(_U32)
+        k0, k1 = (k0 + 0x9E3779B9) & _U32, (k1 + 0xBB67AE85) & _U32
+    return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
-def _uniform(shape, seed: int, device: torch.device) -> Tensor:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(generator_seed(seed, device))
-    return torch.rand(shape, generator=gen, device=device)
+def _keep_rows(out: Tensor, row0: int, seed: int, threshold: int) -> None:
+    rows, cols = out.shape
+    groups = (cols + 3) // 4
+    c0 = torch.arange(groups, dtype=torch.int64, device=out.device)[None, :]
+    c1 = (torch.arange(row0, row0 + rows, dtype=torch.int64, device=out.device) & _U32)[:, None]
+    words = _philox_words(seed, c0, c1).reshape(rows, 4 * groups)[:, :cols]
+    v = torch.where(words >= 1 << 31, words ^ _U32, words)  # the int32 reading: ~w where negative
+    torch.ge(v, threshold, out=out)
 
 
 def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> Tensor:
-    return _uniform(shape, seed, device) >= dropout_p
+    """DESIGN §4's mask, the bits every backend draws. On CUDA, the Triton backend's mask kernel (one launch) where
+    Triton runs; elsewhere whole-tensor Philox in torch ops, a block of rows at a time on the CPU."""
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if device.type == "cuda":
+        from . import BackendUnavailableError, get_backend
+
+        try:
+            return get_backend("triton", device).dropout_keep_mask(shape, dropout_p, seed, device)
+        except BackendUnavailableError:
+            pass
+    rows, cols = shape
+    out = torch.empty(rows, cols, dtype=torch.bool, device=device)
+    threshold = reference.dropout_threshold(dropout_p)
+    step = _ROWS_PER_DRAW if device.type == "cpu" else max(rows, 1)
+    for row0 in range(0, rows, step):
+        _keep_rows(out[row0 : row0 + step], row0, seed, threshold)
+    return out
 
 
 def _scaled_keep(x2: Tensor, dropout_p: float, seed: int) -> Tensor | None:
-    """``keep / (1 - p)`` in x's dtype, or ``None`` without dropout; the same draws as ``dropout_keep_mask``."""
+    """``keep / (1 - p)`` in x's dtype, or ``None`` without dropout."""
     if dropout_p == 0.0:
         return None
-    return _uniform(x2.shape, seed, x2.device).ge_(dropout_p).to(x2.dtype).mul_(1.0 / (1.0 - dropout_p))
+    keep = dropout_keep_mask(tuple(x2.shape), dropout_p, seed, x2.device)
+    return keep.to(x2.dtype).mul_(1.0 / (1.0 - dropout_p))
 
 
 def linear_forward(

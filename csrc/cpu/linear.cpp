@@ -13,25 +13,38 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "../checks.h"
-#include "../dropout_hash.h"
+#include "../dropout_philox.h"
 #include "rank_products.h"
 
 namespace adalora_kernels {
 namespace {
 
-// mask[i * cols + k] = keep(row0 + i, k): 32-bit integer work only, vectorised where AVX2/AVX-512 is present.
-// col_key holds dropout_col_key(k) for every column, computed once per thread.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void keep_rows(uint8_t* mask, const uint32_t* col_key,
-                                                                            int64_t rows, int64_t cols, int64_t row0,
-                                                                            uint64_t seed, uint32_t threshold) {
+// mask[i * cols + k] = keep(row0 + i, k). The Philox words of a chunk of column groups are drawn first (a loop
+// over groups with 32-bit lanes and 32x32->64-bit products), then compared in column order; both loops vectorise
+// where AVX2/AVX-512 is present.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void keep_rows(uint8_t* mask, int64_t rows, int64_t cols,
+                                                                            int64_t row0, uint64_t seed,
+                                                                            uint32_t threshold) {
+  constexpr int64_t kChunk = 64;  // column groups (of four) per draw
+  uint32_t words[4 * kChunk];  // column 4 g + j's word at 4 g + j
+  const int64_t groups = (cols + 3) / 4;
   for (int64_t i = 0; i < rows; ++i) {
-    const uint32_t key = dropout_row_key(seed, static_cast<uint64_t>(row0 + i));
+    const uint32_t row = static_cast<uint32_t>(row0 + i);
     uint8_t* m = mask + i * cols;
-    for (int64_t k = 0; k < cols; ++k) m[k] = dropout_keep_keyed(key, col_key[k], threshold);
+    for (int64_t g0 = 0; g0 < groups; g0 += kChunk) {
+      const int64_t n = std::min(kChunk, groups - g0);
+      for (int64_t g = 0; g < n; ++g) {
+        const PhiloxWords w = philox4x32_10(seed, static_cast<uint32_t>(g0 + g), row);
+        for (int j = 0; j < 4; ++j) words[4 * g + j] = w.w[j];
+      }
+      const int64_t c0 = 4 * g0, c1 = std::min(cols, 4 * (g0 + n));
+      for (int64_t k = c0; k < c1; ++k) m[k] = dropout_keep_word(words[k - c0], threshold);
+    }
   }
 }
 
@@ -71,11 +84,9 @@ void for_each_block(int64_t M, int64_t K, int64_t seed, double dropout_p, Fn fn)
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit the caller's mode
     std::vector<uint8_t> mask(masked ? block * K : 0);
-    std::vector<uint32_t> col_key(masked ? K : 0);
-    for (int64_t k = 0; k < static_cast<int64_t>(col_key.size()); ++k) col_key[k] = dropout_col_key(k);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row0 = b * block, rows = std::min(block, M - row0);
-      if (masked) keep_rows(mask.data(), col_key.data(), rows, K, row0, static_cast<uint64_t>(seed), threshold);
+      if (masked) keep_rows(mask.data(), rows, K, row0, static_cast<uint64_t>(seed), threshold);
       fn(row0, rows, masked ? mask.data() : nullptr);
     }
   });

@@ -8,14 +8,14 @@
 // with beta = 1), so dx is written once by the pass and once by the GEMM, never read-modified-written.
 //
 // An item is V consecutive columns (16 bytes where the pointers, strides and K allow, else V = 1) of
-// kRowsPerItem consecutive rows: the columns' hash keys are computed once for its rows, and in masked_expand each
-// Q vector loaded serves every row. Items are independent: no shared memory, no synchronisation, so the kernels
+// kRowsPerItem consecutive rows: one Philox call per row and four columns (dropout_philox.h), and in
+// masked_expand each Q vector loaded serves every row. Items are independent: no shared memory, no synchronisation, so the kernels
 // are grid-stride loops over items, and the same functions compile with a host compiler for the float and double
 // types, where tests/cuda_passes_host.cpp runs every item on the CPU against the reference.
 #pragma once
 #include <cstdint>
 
-#include "../dropout_hash.h"
+#include "../dropout_philox.h"
 #include "common.cuh"
 
 #if defined(__CUDA_ARCH__)
@@ -51,12 +51,27 @@ AK_HOST_DEVICE Vec<T, V> load_vec(const T* p) {
   return *reinterpret_cast<const Vec<T, V>*>(p);
 }
 
-// The column keys of V consecutive columns: the inner hash round, computed once per item and used for each of
-// its rows (the per-element work left is one round, a xor and a compare).
+// Word i of w, by selects (a dynamic index into a register array would put it in local memory).
+AK_HOST_DEVICE uint32_t word_at(const PhiloxWords& w, int64_t i) {
+  return i == 0 ? w.w[0] : i == 1 ? w.w[1] : i == 2 ? w.w[2] : w.w[3];
+}
+
+// keep[j] = keep(m, k0 + j) for the V columns from k0 (a multiple of V): one Philox call per four columns; V < 4
+// takes its words from the one call that covers them.
 template <int V>
-AK_HOST_DEVICE void column_keys(uint32_t (&keys)[V], int64_t k0) {
-  AK_UNROLL
-  for (int j = 0; j < V; ++j) keys[j] = dropout_col_key(static_cast<uint32_t>(k0 + j));
+AK_HOST_DEVICE void keep_bits(bool (&keep)[V], uint64_t seed, int64_t m, int64_t k0, uint32_t threshold) {
+  if constexpr (V >= 4) {
+    AK_UNROLL
+    for (int g = 0; g < V / 4; ++g) {
+      const PhiloxWords w = dropout_words(seed, static_cast<uint64_t>(m), static_cast<uint64_t>(k0 / 4 + g));
+      AK_UNROLL
+      for (int j = 0; j < 4; ++j) keep[4 * g + j] = dropout_keep_word(w.w[j], threshold);
+    }
+  } else {
+    const PhiloxWords w = dropout_words(seed, static_cast<uint64_t>(m), static_cast<uint64_t>(k0 / 4));
+    AK_UNROLL
+    for (int j = 0; j < V; ++j) keep[j] = dropout_keep_word(word_at(w, k0 % 4 + j), threshold);
+  }
 }
 
 // xd[m, k0 .. k0 + V) = keep(m, k) ? x[m, k] * scale : 0 for the kRowsPerItem rows m of item (row group, k0 / V);
@@ -68,8 +83,6 @@ AK_HOST_DEVICE void dropout_scale_item(int64_t item, const T* x, int64_t sxm, in
   using A = typename AccOf<T>::type;
   const int64_t per_row = K / V;
   const int64_t group = item / per_row, k0 = (item - group * per_row) * V, m0 = group * kRowsPerItem;
-  uint32_t col_key[V];
-  column_keys<V>(col_key, k0);
   AK_UNROLL
   for (int i = 0; i < kRowsPerItem; ++i) {
     const int64_t m = m0 + i;
@@ -80,13 +93,11 @@ AK_HOST_DEVICE void dropout_scale_item(int64_t item, const T* x, int64_t sxm, in
     } else {
       in.v[0] = x[m * sxm + k0 * sxk];
     }
-    const uint32_t key = dropout_row_key(seed, static_cast<uint64_t>(m));
+    bool keep[V];
+    keep_bits<V>(keep, seed, m, k0, threshold);
     Vec<T, V> out;
     AK_UNROLL
-    for (int j = 0; j < V; ++j) {
-      const bool keep = dropout_keep_keyed(key, col_key[j], threshold);
-      out.v[j] = from_acc<T>(keep ? to_acc(in.v[j]) * scale : A(0));
-    }
+    for (int j = 0; j < V; ++j) out.v[j] = from_acc<T>(keep[j] ? to_acc(in.v[j]) * scale : A(0));
     *reinterpret_cast<Vec<T, V>*>(xd + m * K + k0) = out;
   }
 }
@@ -119,18 +130,19 @@ AK_HOST_DEVICE void masked_expand_item(int64_t item, const T* dt, const T* lam, 
       for (int j = 0; j < V; ++j) acc[i][j] += u * to_acc(qv.v[j]);
     }
   }
-  uint32_t col_key[V];
-  column_keys<V>(col_key, k0);
   AK_UNROLL
   for (int i = 0; i < kRowsPerItem; ++i) {
     if (m0 + i >= M) continue;
-    const uint32_t key = threshold > 0 ? dropout_row_key(seed, static_cast<uint64_t>(m0 + i)) : 0u;
+    bool keep[V];
+    if (threshold > 0) {
+      keep_bits<V>(keep, seed, m0 + i, k0, threshold);
+    } else {
+      AK_UNROLL
+      for (int j = 0; j < V; ++j) keep[j] = true;
+    }
     Vec<T, V> o;
     AK_UNROLL
-    for (int j = 0; j < V; ++j) {
-      const bool keep = threshold == 0 || dropout_keep_keyed(key, col_key[j], threshold);
-      o.v[j] = from_acc<T>(keep ? acc[i][j] * scale : A(0));
-    }
+    for (int j = 0; j < V; ++j) o.v[j] = from_acc<T>(keep[j] ? acc[i][j] * scale : A(0));
     *reinterpret_cast<Vec<T, V>*>(out + (m0 + i) * K + k0) = o;
   }
 }

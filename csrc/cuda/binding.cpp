@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../dropout_hash.h"
+#include "../dropout_philox.h"
 #include "kernels.cuh"
 
 namespace adalora_kernels {

@@ -9,7 +9,7 @@
 #include <cuda_fp16.h>
 #endif
 
-#include "../dropout_hash.h"  // AK_HOST_DEVICE
+#include "../dropout_philox.h"  // AK_HOST_DEVICE
 
 namespace adalora_kernels {
 namespace cuda {

@@ -1,6 +1,7 @@
 // CUDA kernels of the csrc backend's AdaLoRA linear layer: grid-stride loops over the items of
-// adapter_passes.cuh (16-byte vectors where the layout allows), and the keep-mask for tests. The mask is the
-// counter-based hash of dropout_hash.h, the same on the CPU; nothing is stored between forward and backward.
+// adapter_passes.cuh (16-byte vectors where the layout allows), and the keep-mask for tests. The mask is
+// dropout_philox.h's, the same on the CPU and in the Triton kernels; nothing is stored between forward and
+// backward.
 #include <algorithm>
 
 #include "adapter_passes.cuh"
@@ -45,8 +46,7 @@ __global__ void keep_mask_kernel(bool* __restrict__ out, int64_t rows, int64_t c
                                  uint32_t threshold) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * cols) return;
-  const int64_t m = idx / cols;
-  out[idx] = dropout_keep(dropout_row_key(seed, static_cast<uint64_t>(m)), static_cast<uint32_t>(idx % cols), threshold);
+  out[idx] = dropout_keep(seed, static_cast<uint64_t>(idx / cols), static_cast<uint64_t>(idx % cols), threshold);
 }
 
 }  // namespace

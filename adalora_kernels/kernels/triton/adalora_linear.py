@@ -483,10 +483,10 @@ if os.environ.get("ADALORA_KERNELS_TUNED"):  # a later lease compiles only the w
 def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
     """The mask these kernels apply for ``seed`` to an input of ``shape`` (rows, in)."""
     M, K = shape
-    out = torch.empty(M, K, dtype=torch.int8, device=device)
+    out = torch.empty(M, K, dtype=torch.bool, device=device)
     grid = (_cdiv(M, 32), _cdiv(K, 32))
-    _keep_mask_kernel[grid](out, M, K, seed, dropout_p, BLOCK_M=32, BLOCK_K=32)
-    return out.bool()
+    _keep_mask_kernel[grid](out.view(torch.int8), M, K, seed, dropout_p, BLOCK_M=32, BLOCK_K=32)  # 0/1 bytes
+    return out
 
 
 def _rank_reduce(a, lam, b, out, dropout_p, seed, meta):

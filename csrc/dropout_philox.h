@@ -70,8 +70,13 @@ AK_HOST_DEVICE bool dropout_keep_word(uint32_t w, uint32_t threshold) {
   return v >= threshold;
 }
 
+// Word i of w, by selects (on a GPU a dynamic index into a register array would put it in local memory).
+AK_HOST_DEVICE uint32_t word_at(const PhiloxWords& w, uint64_t i) {
+  return i == 0 ? w.w[0] : i == 1 ? w.w[1] : i == 2 ? w.w[2] : w.w[3];
+}
+
 AK_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t row, uint64_t col, uint32_t threshold) {
-  return dropout_keep_word(dropout_words(seed, row, col / 4).w[col % 4], threshold);
+  return dropout_keep_word(word_at(dropout_words(seed, row, col / 4), col % 4), threshold);
 }
 
 // The least v in [0, 2^31] whose uniform float32(float32(v) * 4.6566127342e-10f) is >= float32(p): 0 keeps

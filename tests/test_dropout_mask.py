@@ -60,6 +60,16 @@ def test_every_backend_draws_the_reference_mask(backend, seed):
         assert torch.equal(got, reference.dropout_keep_mask(shape, p, seed)), (shape, p)
 
 
+def test_the_torch_ops_mask_is_the_references():
+    """The torch backend's own Philox (int64 ops that wrap), used where no mask kernel is built."""
+    from adalora_kernels.kernels.torch_composite import keep_mask_by_torch_ops
+
+    for seed in SEEDS:
+        for shape, p in [*CASES, ((600, 9), 0.2)]:  # 600 rows: more than one block of rows on the CPU
+            got = keep_mask_by_torch_ops(shape, p, seed, DEVICE).cpu()
+            assert torch.equal(got, reference.dropout_keep_mask(shape, p, seed)), (seed, shape, p)
+
+
 @pytest.mark.parametrize("backend", runnable_backends())
 def test_a_backend_applies_the_mask_it_draws(backend):
     """The fused op with dropout against the fp64 reference given the reference's mask: the mask applied inside

@@ -49,18 +49,10 @@ def _keep_rows(out: Tensor, row0: int, seed: int, threshold: int) -> None:
     torch.ge(v, threshold, out=out)
 
 
-def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> Tensor:
-    """DESIGN §4's mask, the bits every backend draws. On CUDA, the Triton backend's mask kernel (one launch) where
-    Triton runs; elsewhere whole-tensor Philox in torch ops, a block of rows at a time on the CPU."""
+def keep_mask_by_torch_ops(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> Tensor:
+    """DESIGN §4's mask in whole-tensor torch ops, on any device; a block of rows at a time on the CPU."""
     if not 0 <= seed < 1 << 64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    if device.type == "cuda":
-        from . import BackendUnavailableError, get_backend
-
-        try:
-            return get_backend("triton", device).dropout_keep_mask(shape, dropout_p, seed, device)
-        except BackendUnavailableError:
-            pass
     rows, cols = shape
     out = torch.empty(rows, cols, dtype=torch.bool, device=device)
     threshold = reference.dropout_threshold(dropout_p)
@@ -68,6 +60,20 @@ def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, devic
     for row0 in range(0, rows, step):
         _keep_rows(out[row0 : row0 + step], row0, seed, threshold)
     return out
+
+
+def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, device: torch.device) -> Tensor:
+    """DESIGN §4's mask, the bits every backend draws, from the fastest mask kernel here: the Triton backend's on
+    CUDA, the native extension's where it is built, else torch ops (about 150 of them: slow at small shapes)."""
+    from . import BackendUnavailableError, get_backend
+
+    for name in ("triton", "csrc") if device.type == "cuda" else ("csrc",):
+        try:
+            kernels = get_backend(name, device)
+        except BackendUnavailableError:
+            continue
+        return kernels.dropout_keep_mask(shape, dropout_p, seed, device)
+    return keep_mask_by_torch_ops(shape, dropout_p, seed, device)
 
 
 def _scaled_keep(x2: Tensor, dropout_p: float, seed: int) -> Tensor | None:

@@ -51,11 +51,6 @@ AK_HOST_DEVICE Vec<T, V> load_vec(const T* p) {
   return *reinterpret_cast<const Vec<T, V>*>(p);
 }
 
-// Word i of w, by selects (a dynamic index into a register array would put it in local memory).
-AK_HOST_DEVICE uint32_t word_at(const PhiloxWords& w, int64_t i) {
-  return i == 0 ? w.w[0] : i == 1 ? w.w[1] : i == 2 ? w.w[2] : w.w[3];
-}
-
 // keep[j] = keep(m, k0 + j) for the V columns from k0 (a multiple of V): one Philox call per four columns; V < 4
 // takes its words from the one call that covers them.
 template <int V>
@@ -70,7 +65,7 @@ AK_HOST_DEVICE void keep_bits(bool (&keep)[V], uint64_t seed, int64_t m, int64_t
   } else {
     const PhiloxWords w = dropout_words(seed, static_cast<uint64_t>(m), static_cast<uint64_t>(k0 / 4));
     AK_UNROLL
-    for (int j = 0; j < V; ++j) keep[j] = dropout_keep_word(word_at(w, k0 % 4 + j), threshold);
+    for (int j = 0; j < V; ++j) keep[j] = dropout_keep_word(word_at(w, static_cast<uint64_t>(k0 % 4 + j)), threshold);
   }
 }
 

@@ -164,6 +164,11 @@ def make_parser() -> argparse.ArgumentParser:
     led.add_argument("--dtype", type=_choice("dtype", list(bm.DTYPES)), default="bfloat16")
     led.add_argument("--dropout", type=_RATE, default=0.0)
     led.add_argument("--routes", type=_choice("route", list(ROUTES)), nargs="+", default=list(ROUTES))
+    led.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="as under torch.use_deterministic_algorithms(True): the split route's fixed-order partials, no atomics",
+    )
     led.add_argument("--ceilings", metavar="FILE", help="JSON: gemm_tflops {dtype: rate}, copy_gbps, launch_us, sms")
     led.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     led.add_argument("--plot", help=argparse.SUPPRESS)
@@ -531,10 +536,11 @@ def run_ledger(args, ceilings: dict | None) -> dict:
     from rich.table import Table
 
     tokens, in_f, out_f = args.shape
-    shape = Shape(tokens, in_f, out_f, args.rank, args.dtype, args.dropout)
+    shape = Shape(tokens, in_f, out_f, args.rank, args.dtype, args.dropout, args.deterministic)
     rows = ledger_rows(shape, args.routes, ceilings)
+    mode = ", deterministic" if args.deterministic else ""
     table = Table(
-        title=f"traffic ledger: {tokens}×{in_f}×{out_f}, r = {args.rank}, {args.dtype}, dropout {args.dropout}"
+        title=f"traffic ledger: {tokens}×{in_f}×{out_f}, r = {args.rank}, {args.dtype}, dropout {args.dropout}{mode}"
     )
     for c in ("route", "phase", "kernel", "MiB read", "MiB written", "GFLOP", "predicted µs"):
         table.add_column(c, justify="left" if c in ("route", "phase", "kernel") else "right")

@@ -59,11 +59,16 @@ def compile_case(arch: int, dtype_name: str, r: int) -> list[dict]:
     with compile_only(arch) as records:
         routes = (fused, split) if r <= SPLIT_MAX_R else (fused,)  # the split route stops at r = 64
         for kernels in routes:
+            # the split route's backward in both forms: atomics (torch's default) and fixed-order partials
+            forms = (False, True) if kernels is split else (False,)
             for p in (0.0, 0.1):
                 for bias in (None, b):
                     _, t = kernels.linear_forward(x, w, bias, P, lam, Q, p, 2**40 + 7)
                 for need_adapter in (True, False):
-                    kernels.linear_backward(g, x, w, P, lam, Q, t, p, 12345, True, need_adapter)
+                    for deterministic in forms:
+                        torch.use_deterministic_algorithms(deterministic)
+                        kernels.linear_backward(g, x, w, P, lam, Q, t, p, 12345, True, need_adapter)
+            torch.use_deterministic_algorithms(False)
         if dtype_name in ("float32", "float64") and r == 16:  # the allocator's kernels: adapter dtypes
             layout = FlatLayout([(N, r, K)], dtype, x.device)
             triples = [(P, lam, Q)]

@@ -134,6 +134,11 @@ def test_ledger_prints_and_writes_every_route(tmp_path, capsys):
         r["kernel"]: r["predicted_us"] for r in data["rows"] if r["op"] == "ledger" and r["variant"] == "triton_split"
     }
     assert slower["_split_x_bwd_kernel"] > 1.8 * (faster["_split_x_bwd_kernel"] - 2)
+    # as under torch.use_deterministic_algorithms(True): partials and their dt finalize instead of atomics
+    assert main(["ledger", "--routes", "triton_split", "--dropout", "0.1", "--deterministic", "--json", str(out)]) == 0
+    fixed = json.loads(out.read_text())["rows"]
+    assert "_split_dt_finalize_kernel" in {r.get("kernel") for r in fixed} - set(faster)
+    assert fixed[-1]["deterministic"] and fixed[-1]["predicted_ms"] > totals["triton_split"]["predicted_ms"]
     ceilings.write_text("{not json")
     with pytest.raises(SystemExit):
         main(["ledger", "--ceilings", str(ceilings)])

@@ -163,6 +163,47 @@ def test_backward_is_bitwise_reproducible_without_atomics():
     assert all(torch.equal(a, c) for a, c in zip(*grads))
 
 
+def _split_step(leaves, w, b, m):
+    import adalora_kernels as ak
+
+    leaves = [v.detach().clone().requires_grad_() for v in leaves]
+    y = ak.adalora_linear(leaves[0], w, b, *leaves[1:], scaling=0.5, rank_mask=m, dropout_p=0.2, seed=5,
+                          backend="triton_split")  # fmt: skip
+    y.square().sum().backward()
+    return [y.detach(), *(v.grad for v in leaves)]
+
+
+@needs_triton
+def test_the_split_route_adds_with_atomics_unless_deterministic_algorithms_are_on(monkeypatch):
+    """torch's default: the split route's split reductions add into accumulators with atomics (no partials, no dt
+    finalize); under torch.use_deterministic_algorithms(True), fixed-order partials, bitwise reproducible. Both
+    give the same gradients up to the order of float32 sums."""
+    from adalora_kernels.kernels.triton import adalora_linear as kmod
+    from adalora_kernels.kernels.triton import split
+
+    launched = []
+    real = kmod._Launch.__call__
+    monkeypatch.setattr(
+        kmod._Launch, "__call__", lambda self, *a, **k: launched.append(self.name) or real(self, *a, **k)
+    )
+    # K = 600, N = 520 and few rows: several column and row splits on every reduction
+    x, w, b, P, lam, Q, m = make_inputs((40,), 600, 520, 8, torch.float32, mask=True)
+    assert min(split.pass_splits(40, 520, x.device)) > 1 and min(split.pass_splits(40, 600, x.device)) > 1
+    fast = _split_step((x, P, lam, Q), w, b, m)
+    assert "_split_dt_finalize_kernel" not in launched
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        launched.clear()
+        first, second = _split_step((x, P, lam, Q), w, b, m), _split_step((x, P, lam, Q), w, b, m)
+        assert launched.count("_split_dt_finalize_kernel") == 2
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+    for a, c in zip(fast, first):  # float32 sums of a few hundred terms in another order: a few ulps of the largest
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6 * c.abs().max().item())
+
+
 def test_tf32_only_where_torch_allows_it():
     from adalora_kernels.kernels.triton import adalora_linear as kmod
 
@@ -225,6 +266,10 @@ def test_prune_follows_what_the_installed_triton_spilled_per_arch(monkeypatch, o
              triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=2)]  # fmt: skip
     kept = config.split_prune("g")(tiles, args, BLOCK_R=16, NEED_DP=True)
     assert kept == (tiles[1:] if older else tiles)
+    # two of the x pass's narrow tiles at r <= 64 spilled on sm_80 in the atomic form only (20 and 56 bytes)
+    narrow = [*tiles, triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
+    assert config.split_prune("x")(narrow, args, BLOCK_R=64, HAS_DROPOUT=True, ATOMIC=True) == narrow[2:]
+    assert config.split_prune("x")(narrow, args, BLOCK_R=64, HAS_DROPOUT=True, ATOMIC=False) == narrow
 
 
 # ------------------------------------------------------------------------------------------ compiled (no GPU)

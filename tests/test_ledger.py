@@ -24,21 +24,36 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-ROUTE_VARIANTS = [(r, False) for r in TRITON_ROUTES] + [("triton", True)] * ("triton" in TRITON_ROUTES)
+# (route, variant): the fused route with its portable GEMMs and with hopper.py's; the split route with atomics
+# (torch's default) and with its fixed-order partials (deterministic algorithms on)
+ROUTE_VARIANTS = [(r, "") for r in TRITON_ROUTES] + [("triton", "hopper")] * ("triton" in TRITON_ROUTES)
+ROUTE_VARIANTS += [("triton_split", "deterministic")] * ("triton_split" in TRITON_ROUTES)
 
 
-@pytest.mark.parametrize("route,hopper", ROUTE_VARIANTS, ids=lambda v: {True: "hopper", False: ""}.get(v, v))
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for the test, restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("route,variant", ROUTE_VARIANTS)
 @pytest.mark.parametrize("shape", [(40, 32, 24, 4), (70, 512, 48, 4), (300, 96, 160, 8)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_the_ledger_names_the_launches_that_happen(monkeypatch, route, hopper, shape, p):
+def test_the_ledger_names_the_launches_that_happen(request, monkeypatch, route, variant, shape, p):
     """The fused route twice under the interpreter: with its portable GEMMs, and with hopper.py's (as on sm_90,
-    which the ledger's default ceilings are). On a GPU the installed arch decides which run."""
+    which the ledger's default ceilings are; on a GPU the installed arch decides which run). The split route
+    twice: with atomics and, under deterministic algorithms, with partial buffers."""
     from adalora_kernels.kernels import get_backend
     from adalora_kernels.kernels.triton import adalora_linear as fused
     from adalora_kernels.kernels.triton import hopper as hopper_gemms
 
-    if hopper:
+    if variant == "hopper":
         monkeypatch.setattr(hopper_gemms, "FORCE_IN_INTERPRETER", True)
+    if variant == "deterministic":
+        request.getfixturevalue("deterministic_algorithms")
 
     M, K, N, r = shape
     launched = []
@@ -54,12 +69,13 @@ def test_the_ledger_names_the_launches_that_happen(monkeypatch, route, hopper, s
         kernels.linear_backward(g, x, w, P, lam, Q, t, p, 3, True, True)
     sms = fused._sm_count(DEVICE)
     arch = 90 if hopper_gemms.usable(torch.float32, x, w, g) else 80
-    book = launches(route, Shape(M, K, N, r, "float32", p), {"sms": sms, "arch": arch})
+    book = launches(route, Shape(M, K, N, r, "float32", p, variant == "deterministic"), {"sms": sms, "arch": arch})
     expected = Counter(row.kernel.split(" (")[0] for row in book if row.engine == "triton")
     assert Counter(launched) == expected
     cublas = sum(row.engine == "cublas" for row in book)
     assert ops.ops["addmm_"] == cublas  # the split route's two GEMMs, in place; none in the fused route
     assert ops.ops["sum"] == sum("sum" in row.kernel for row in book)  # partials summed: as many as counted
+    assert ops.ops["zeros"] + ops.ops["zero_"] == sum(row.kernel.startswith("zeros") for row in book)
 
 
 def test_the_ledger_counts_a_case_by_hand():

@@ -4,8 +4,10 @@ judged without a GPU; on a GPU, ``bench --kernels`` sets the profiler's kernel t
 
 A launch's predicted time is ``max(flops / GEMM rate, bytes / copy bandwidth) + launch cost``: a GEMM at cuBLAS's
 rate, a streaming pass at copy bandwidth. Bytes are those the launch must move through device memory (each
-operand once; an L2-resident re-read is not counted). The default ceilings are the H200's measured numbers
-(``benchmarks/results/nvidia-h200-ceilings.json`` holds them with their sources).
+operand once; an L2-resident re-read is not counted; atomic additions into an accumulator count as its bytes
+once, on the assumption that L2's atomic units keep up with a streaming pass, which the kernel table checks). The
+default ceilings are the H200's measured numbers (``benchmarks/results/nvidia-h200-ceilings.json`` holds them with
+their sources).
 
 Routes: ``linear`` (the frozen layer), ``peft`` (PEFT's eager ``SVDLinear``), ``torch`` (our composite backend),
 ``triton`` (the fused route: the base GEMM in Triton with the adapter inside), ``triton_split`` (the split route:
@@ -52,6 +54,7 @@ class Shape:
     r: int
     dtype: str
     dropout: float
+    deterministic: bool = False  # torch.use_deterministic_algorithms: the split route's fixed-order partials
 
     @property
     def E(self) -> int:
@@ -188,6 +191,9 @@ def _triton(b: _Book, sms: int, arch: int) -> None:
 
 
 def _triton_split(b: _Book, sms: int) -> None:
+    """The split route. Its backward's split reductions: one zeroed accumulator each, added into with atomics (one
+    memset, no partial buffers, no launch between the passes), or, where deterministic algorithms are on, a partial
+    per split summed in a fixed order."""
     s = b.s
     M, K, N, r, E, A = s.M, s.K, s.N, s.r, s.E, s.A
     b.add(
@@ -200,16 +206,21 @@ def _triton_split(b: _Book, sms: int) -> None:
     b.gemm("addmm_: y += x Wᵀ", M, N, K, c_read=True)
     b.phase = "bwd"
     col, row = grids.pass_splits(M, N, sms)
-    b.add("_split_g_bwd_kernel", "triton", E * (M * N + N * r + M * r), A * (col * M * r + row * r * N), 4 * M * N * r)
-    blocks = grids.cdiv(M, grids.FINALIZE_ROWS)
-    b.add("_split_dt_finalize_kernel", "triton", A * col * M * r + E * M * r, A * (M * r + blocks * r), 3 * col * M * r)
     _, row_x = grids.pass_splits(M, K, sms)
-    b.add(
-        "_split_x_bwd_kernel", "triton", E * (M * K + r * K) + A * M * r, E * M * K + A * row_x * r * K, 4 * M * K * r
-    )
+    if s.deterministic:
+        blocks = grids.cdiv(M, grids.FINALIZE_ROWS)
+        dt_parts, dp_parts, dq_parts, dlam_parts = col * M * r, row * r * N, row_x * r * K, blocks * r
+    else:
+        dt_parts, dp_parts, dq_parts, dlam_parts = M * r, r * N, r * K, r
+        b.add("zeros: dt, dPᵀ, dQ, dλ accumulators", "aten", 0, A * (M * r + r * (N + K + 1)))
+    b.add("_split_g_bwd_kernel", "triton", E * (M * N + N * r + M * r), A * (dt_parts + dp_parts), 4 * M * N * r)
+    if s.deterministic:
+        b.add("_split_dt_finalize_kernel", "triton", A * dt_parts + E * M * r, A * (M * r + dlam_parts),
+              3 * col * M * r)  # fmt: skip
+    b.add("_split_x_bwd_kernel", "triton", E * (M * K + r * K) + A * M * r, E * M * K + A * dq_parts, 4 * M * K * r)
     b.gemm("addmm_: dx += g W", M, K, N, c_read=True)
-    b.add("_split_finalize_kernel", "triton", A * (row_x * r * K + row * r * N + blocks * r), E * (r * K + r * N + r),
-          row_x * r * K + row * r * N + blocks * r)  # fmt: skip
+    b.add("_split_finalize_kernel", "triton", A * (dq_parts + dp_parts + dlam_parts), E * (r * K + r * N + r),
+          dq_parts + dp_parts + dlam_parts)  # fmt: skip
 
 
 def _csrc(b: _Book) -> None:
@@ -274,7 +285,7 @@ def ledger_rows(shape: Shape, routes=ROUTES, ceilings: dict | None = None) -> li
     """Results rows: one ``op: "ledger"`` row per launch, then one ``op: "ledger_total"`` row per route with
     ``predicted_ms`` and ``predicted_slowdown_vs_linear``."""
     base = {"tokens": shape.M, "in": shape.K, "out": shape.N, "r": shape.r, "dtype": shape.dtype,
-            "dropout": shape.dropout}  # fmt: skip
+            "dropout": shape.dropout, "deterministic": shape.deterministic}  # fmt: skip
     per_route = {route: launches(route, shape, ceilings) for route in routes}
     linear_ms = sum(x.predicted_us for x in launches("linear", shape, ceilings)) / 1e3
     rows = []

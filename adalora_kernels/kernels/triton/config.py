@@ -205,7 +205,9 @@ def get_split_configs() -> list[triton.Config]:
         ]  # (the last three for large ranks)
     ]
     small = triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=2)
-    return [*configs, small] if autotune_enabled() else [configs[0], small]
+    # without autotuning the first that the prune keeps: the narrowest tile before small, which spills in the
+    # atomic x pass at r <= 64 on sm_80
+    return [*configs, small] if autotune_enabled() else [configs[0], configs[-1], small]
 
 
 SPLIT_MAX_R = 64  # the split route's rank limit: above it no pass tile compiled without 16-bit spills on sm_80
@@ -222,6 +224,10 @@ _SPLIT_SPILLS = {
 }
 # and those that spilled with Triton 3.6 only (4 to 16 bytes per thread on sm_90), kept with 3.9
 _SPLIT_SPILLS_OLDER_TRITON = {("g", 16): {(32, 64, 8)}, ("x", 16): {(32, 128, 4)}}
+# and those that spilled only in the atomic form of the backward passes (ATOMIC, deterministic algorithms off;
+# 8 to 620 bytes per thread on sm_80; g's 16×256 at r <= 16 24 bytes on sm_90 with Triton 3.6 only), kept in the
+# fixed-order form
+_SPLIT_SPILLS_ATOMIC = {("g", 16): {(16, 256, 4)}, ("g", 64): {(32, 256, 8)}, ("x", 64): {(16, 64, 4), (32, 64, 8)}}
 
 
 def split_prune(family: str):
@@ -232,6 +238,8 @@ def split_prune(family: str):
         r_block = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
         key = (family, 16 if r_block <= 16 else 64)
         banned = _SPLIT_SPILLS[key] | (_SPLIT_SPILLS_OLDER_TRITON.get(key, set()) if OLDER_TRITON else set())
+        if kwargs.get("ATOMIC", named_args.get("ATOMIC", False)):
+            banned = banned | _SPLIT_SPILLS_ATOMIC.get(key, set())
         kept = _without(configs, banned, lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps))
         return prune_by_shared_memory(kept, named_args, **kwargs)
 

@@ -7,13 +7,18 @@ Backward: (2) over g: ``dt = g P`` and ``dPᵀ = (t · λeff)ᵀ g`` from the sa
           from one read of g); then one launch on the r-wide results: ``u = dt · λeff`` and the row blocks'
           ``Σ dt ⊙ t``; (3) over x: ``dx₀ = drop'(u Q)`` written into dx's buffer and ``dQ = uᵀ drop(x)`` from the
           same tiles; then ``dx.addmm_(g, W)`` (cuBLAS, beta = 1), and one launch that sums the partials of dQ,
-          dPᵀ (into dP's layout) and dλeff into the parameters' dtypes.
+          dPᵀ (into dP's layout) and dλeff into the parameters' dtypes (with atomics: casts the accumulators).
 
-Every reduction over rows or columns that is split across programs writes one partial per split into a buffer of
-its own, summed afterwards in a fixed order: no atomics, bitwise reproducible (``torch.use_deterministic_algorithms``
-holds). Programs form a grid of (column split, row split), the column split the faster axis so that programs
-sharing rows run together (a row block re-read by another split comes from L2); there are about two per SM at any
-token count. The dropout mask is the ``triton`` backend's (``adalora_linear._keep_mask``): a run may change route.
+Every reduction over rows or columns that is split across programs has two forms, chosen per call. Where
+``torch.are_deterministic_algorithms_enabled()`` (``torch.use_deterministic_algorithms(True)``), each split writes
+one partial into a buffer of its own, summed afterwards in a fixed order: no atomics, bitwise reproducible. Otherwise
+(torch's default) the splits add into one zeroed float accumulator with relaxed atomics (``tl.atomic_add``): no
+partial buffers, and the backward needs no launch between its two passes (pass (3) scales dt by λeff as it loads it,
+and pass (2) adds its ``Σ dt ⊙ t`` into dλ); the sums' order, and so their last bits, vary run to run, as for
+torch's own atomic kernels. Programs form a grid of (column split, row split), the column split the faster axis so
+that programs sharing rows run together (a row block re-read by another split comes from L2); there are about two
+per SM at any token count. The dropout mask is the ``triton`` backend's (``adalora_linear._keep_mask``): a run may
+change route.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .adalora_linear import (
     _Launch,
     _load_tile,
     _meta,
+    _offsets,
     _refuse_interpreted_bfloat16,
     _scaled,
     _sm_count,
@@ -98,25 +104,39 @@ def _split_fwd_kernel(
         _store_tile(y_ptr, rows, rn, stride_ym, stride_yn, M, N, y.to(y_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _add_tile(ptr, rows, cols, stride_rows, stride_cols, n_rows, n_cols, value):
+    """``value`` added into the ``rows × cols`` tile at ``ptr`` with relaxed atomics (the order of the additions is
+    not fixed: only where deterministic algorithms are off)."""
+    tl.atomic_add(
+        ptr + _offsets(rows, cols, stride_rows, stride_cols),
+        value,
+        mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
+        sem="relaxed",
+    )
+
+
 @triton.autotune(
     configs=get_split_configs(),
-    key=["M_BUCKET", "N", "BLOCK_R", "NEED_DP", "DOT_PRECISION"],
+    key=["M_BUCKET", "N", "BLOCK_R", "NEED_DP", "ATOMIC", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": split_prune("g")},
+    reset_to_zero=["dt_ptr", "dp_ptr", "dlam_ptr"],  # the atomic form accumulates: each timed run starts from zero
 )
 @triton.jit(do_not_specialize=_UNSPECIALISED)
 def _split_g_bwd_kernel(
-    # pointers: g (M, N), P (N, R), t (M, R), λeff (R); partials dt (C, M, R) and dPᵀ (S, R, N), accumulator dtype
-    g_ptr, p_ptr, t_ptr, lam_ptr, dt_ptr, dp_ptr,
+    # pointers: g (M, N), P (N, R), t (M, R), λeff (R); outputs in the accumulator dtype, contiguous: dt and dPᵀ as
+    # partials (C, M, R) and (S, R, N), or (ATOMIC) accumulators (M, R), (R, N) and dλeff (R)
+    g_ptr, p_ptr, t_ptr, lam_ptr, dt_ptr, dp_ptr, dlam_ptr,
     # sizes
     M, N, R, M_BUCKET,
-    # strides (the partials contiguous)
+    # strides
     stride_gm, stride_gn, stride_pn, stride_pr, stride_tm, stride_tr,
     # meta
-    NEED_DP: tl.constexpr, IS_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_DP: tl.constexpr, ATOMIC: tl.constexpr, IS_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # program (column split c, row split s); BLOCK_K tiles N. Each g tile is read once and feeds both products:
-    # dt of its rows (partial over c, accumulated in the program's own slice) and dPᵀ of its columns (partial over s)
+    # dt of its rows (partial over c) and dPᵀ of its columns (partial over s); with atomics, also Σ dt ⊙ t
     c = tl.program_id(0)
     s = tl.program_id(1)
     n_per_split = tl.cdiv(tl.cdiv(N, tl.num_programs(0)), BLOCK_K) * BLOCK_K
@@ -124,13 +144,18 @@ def _split_g_bwd_kernel(
     rr = tl.arange(0, BLOCK_R)
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     lam = tl.load(lam_ptr + rr, mask=rr < R, other=0.0).to(acc_dtype)
-    dt_part = dt_ptr + c.to(tl.int64) * M * R
-    dp_part = dp_ptr + s.to(tl.int64) * R * N
     n_start = c * n_per_split
-    if n_start >= N:  # no column tile for this split (a tile wider than N / splits): its dt slice holds zeros
-        for m0 in range(s * m_per_split, min(M, (s + 1) * m_per_split), BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            _store_tile(dt_part, rows, rr, R, 1, M, R, tl.zeros([BLOCK_M, BLOCK_R], dtype=acc_dtype))
+    if ATOMIC:
+        dt_part = dt_ptr
+        dp_part = dp_ptr
+        dl = tl.zeros([BLOCK_R], dtype=acc_dtype)
+    else:
+        dt_part = dt_ptr + c.to(tl.int64) * M * R
+        dp_part = dp_ptr + s.to(tl.int64) * R * N
+        if n_start >= N:  # no column tile for this split (a tile wider than N / splits): its dt slice holds zeros
+            for m0 in range(s * m_per_split, min(M, (s + 1) * m_per_split), BLOCK_M):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                _store_tile(dt_part, rows, rr, R, 1, M, R, tl.zeros([BLOCK_M, BLOCK_R], dtype=acc_dtype))
     for n0 in range(n_start, min(N, n_start + n_per_split), BLOCK_K):
         rn = n0 + tl.arange(0, BLOCK_K)
         pt = _load_tile(p_ptr, rn, rr, stride_pn, stride_pr, N, R)
@@ -139,26 +164,38 @@ def _split_g_bwd_kernel(
             rows = m0 + tl.arange(0, BLOCK_M)
             g = _load_tile(g_ptr, rows, rn, stride_gm, stride_gn, M, N)
             dt = tl.dot(g, pt, input_precision=DOT_PRECISION)
-            if n0 != n_start:  # the program's own slice: read back what its earlier column tiles added
-                dt += _load_tile(dt_part, rows, rr, R, 1, M, R)
-            _store_tile(dt_part, rows, rr, R, 1, M, R, dt)
+            if ATOMIC:
+                _add_tile(dt_part, rows, rr, R, 1, M, R, dt)
+            else:
+                if n0 != n_start:  # the program's own slice: read back what its earlier column tiles added
+                    dt += _load_tile(dt_part, rows, rr, R, 1, M, R)
+                _store_tile(dt_part, rows, rr, R, 1, M, R, dt)
             if NEED_DP:
                 t = _load_tile(t_ptr, rows, rr, stride_tm, stride_tr, M, R).to(acc_dtype)
                 tl_ = (t * lam[None, :]).to(g_ptr.dtype.element_ty)
                 dp += tl.dot(tl.trans(tl_), g, input_precision=DOT_PRECISION)
+                if ATOMIC:  # this tile's share of dλeff = Σ dt ⊙ t (dt is linear in the column tiles)
+                    dl += tl.sum(dt * t, axis=0)
         if NEED_DP:
-            _store_tile(dp_part, rr, rn, N, 1, R, N, dp)
+            if ATOMIC:
+                _add_tile(dp_part, rr, rn, N, 1, R, N, dp)
+            else:
+                _store_tile(dp_part, rr, rn, N, 1, R, N, dp)
+    if ATOMIC and NEED_DP:
+        tl.atomic_add(dlam_ptr + rr, dl, mask=rr < R, sem="relaxed")
 
 
 @triton.autotune(
     configs=get_split_configs(),
-    key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT", "WRITE_DX", "NEED_DQ", "DOT_PRECISION"],
+    key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT", "WRITE_DX", "NEED_DQ", "ATOMIC", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": split_prune("x")},
+    reset_to_zero=["dq_ptr"],  # the atomic form accumulates: each timed run starts from zero
 )
 @triton.jit(do_not_specialize=_UNSPECIALISED)
 def _split_x_bwd_kernel(
-    # pointers: x (M, K), u (M, R, accumulator dtype, contiguous), Q (R, K); outputs dx₀ (M, K), dQ partials (S, R, K)
-    x_ptr, u_ptr, q_ptr, dx_ptr, dq_ptr,
+    # pointers: x (M, K), u (M, R, accumulator dtype, contiguous; ATOMIC: dt, scaled by λeff here), λeff (R), Q (R, K);
+    # outputs dx₀ (M, K) and dQ as partials (S, R, K) or (ATOMIC) an accumulator (R, K)
+    x_ptr, u_ptr, lam_ptr, q_ptr, dx_ptr, dq_ptr,
     # sizes
     M, K, R, M_BUCKET,
     # strides
@@ -166,8 +203,9 @@ def _split_x_bwd_kernel(
     # dropout
     seed: tl.int64, p, keep_scale: tl.float64,
     # meta
-    HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, NEED_DQ: tl.constexpr, IS_FP64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, NEED_DQ: tl.constexpr, ATOMIC: tl.constexpr,
+    IS_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # program (column split c, row split s) over x's columns K: the mask of a tile drawn once for both products
     c = tl.program_id(0)
@@ -176,14 +214,21 @@ def _split_x_bwd_kernel(
     m_per_split = tl.cdiv(tl.cdiv(M, tl.num_programs(1)), BLOCK_M) * BLOCK_M
     rr = tl.arange(0, BLOCK_R)
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    dq_part = dq_ptr + s.to(tl.int64) * R * K
+    if ATOMIC:
+        lam = tl.load(lam_ptr + rr, mask=rr < R, other=0.0).to(acc_dtype)
+        dq_part = dq_ptr
+    else:
+        dq_part = dq_ptr + s.to(tl.int64) * R * K
     for k0 in range(c * k_per_split, min(K, (c + 1) * k_per_split), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         q = _load_tile(q_ptr, rr, cols, stride_qr, stride_qk, R, K)
         dq = tl.zeros([BLOCK_R, BLOCK_K], dtype=acc_dtype)
         for m0 in range(s * m_per_split, min(M, (s + 1) * m_per_split), BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
-            u = _load_tile(u_ptr, rows, rr, R, 1, M, R).to(x_ptr.dtype.element_ty)
+            u = _load_tile(u_ptr, rows, rr, R, 1, M, R)
+            if ATOMIC:
+                u = u * lam[None, :]
+            u = u.to(x_ptr.dtype.element_ty)
             if HAS_DROPOUT:
                 keep = _keep_mask(seed, rows, k0, p, BLOCK_M, BLOCK_K)
             if WRITE_DX:
@@ -199,7 +244,10 @@ def _split_x_bwd_kernel(
         if NEED_DQ:
             if HAS_DROPOUT:
                 dq = _scaled(dq, keep_scale, IS_FP64)
-            _store_tile(dq_part, rr, cols, K, 1, R, K, dq)
+            if ATOMIC:
+                _add_tile(dq_part, rr, cols, K, 1, R, K, dq)
+            else:
+                _store_tile(dq_part, rr, cols, K, 1, R, K, dq)
 
 
 FINALIZE_ROWS = grids.FINALIZE_ROWS  # rows per program of the dt finalize (and so the count of its dλ partials)
@@ -341,7 +389,8 @@ def linear_forward(x2, weight, bias, P, lam_eff, Q, dropout_p, seed):
 
 
 def adapter_backward(g2, x2, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter):
-    """Passes (2) and (3) alone: the adapter's share of dx (``drop'(u Q)``), dP, dλeff and dQ."""
+    """Passes (2) and (3) alone: the adapter's share of dx (``drop'(u Q)``), dP, dλeff and dQ. Their split reductions
+    go through fixed-order partials where deterministic algorithms are on, through atomics otherwise."""
     _refuse_interpreted_bfloat16(x2.dtype)
     M, K = x2.shape
     N, R = P.shape
@@ -354,37 +403,50 @@ def adapter_backward(g2, x2, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_ad
     meta = _meta(x2.dtype, R)
     acc = _acc_dtype(x2.dtype)
     device = x2.device
+    atomic = not torch.are_deterministic_algorithms_enabled()
     col, row = pass_splits(M, N, device)
-    dt_parts = torch.empty(col, M, R, dtype=acc, device=device)
-    dp_parts = torch.empty(row, R, N, dtype=acc, device=device) if need_adapter else dt_parts
-    _launch_split_g_bwd(lambda c: (col, row),
-        g2, P, t, lam_eff, dt_parts, dp_parts, M, N, R, m_bucket(M),
-        g2.stride(0), g2.stride(1), P.stride(0), P.stride(1), t.stride(0), t.stride(1),
-        NEED_DP=need_adapter, **meta,
-    )  # fmt: skip
-    # u = (Σ_c dt) · λeff and the row blocks' Σ dt ⊙ t, in one pass over the r-wide partials
-    u = torch.empty(M, R, dtype=acc, device=device)
-    blocks = _cdiv(M, FINALIZE_ROWS)
-    dlam_parts = torch.empty(blocks, R, dtype=acc, device=device) if need_adapter else u
-    _launch_split_dt_finalize(lambda c: (blocks,),
-        dt_parts, t, lam_eff, u, dlam_parts, M, R, col, m_bucket(M), t.stride(0), t.stride(1),
-        NEED_DLAM=need_adapter, IS_FP64=meta["IS_FP64"], BLOCK_R=meta["BLOCK_R"],
-    )  # fmt: skip
-    dP = dlam = dQ = None
     col_x, row_x = pass_splits(M, K, device)
+    blocks = _cdiv(M, FINALIZE_ROWS)
+    unused = torch.empty(1, dtype=acc, device=device)  # a pointer argument the kernel does not touch
+    if atomic:  # one zeroed accumulator each, from one memset: dt (M, R), then dPᵀ (R, N), dQ (R, K) and dλ (R)
+        sums = torch.zeros(M * R + (R * (N + K + 1) if need_adapter else 0), dtype=acc, device=device)
+        dt_parts = sums[: M * R]
+        dp_parts, dq_parts, dlam_parts = (
+            (sums[M * R :][: R * N], sums[M * R + R * N :][: R * K], sums[-R:]) if need_adapter else (unused,) * 3
+        )
+        parts = (1, 1, 1)  # of dQ, dPᵀ and dλ, for the finalize
+    else:
+        dt_parts = torch.empty(col, M, R, dtype=acc, device=device)
+        dp_parts = torch.empty(row, R, N, dtype=acc, device=device) if need_adapter else unused
+        dq_parts = torch.empty(row_x, R, K, dtype=acc, device=device) if need_adapter else unused
+        dlam_parts = torch.empty(blocks, R, dtype=acc, device=device) if need_adapter else unused
+        parts = (row_x, row, blocks)
+    _launch_split_g_bwd(lambda c: (col, row),
+        g2, P, t, lam_eff, dt_parts, dp_parts, dlam_parts if atomic else unused, M, N, R, m_bucket(M),
+        g2.stride(0), g2.stride(1), P.stride(0), P.stride(1), t.stride(0), t.stride(1),
+        NEED_DP=need_adapter, ATOMIC=atomic, **meta,
+    )  # fmt: skip
+    if atomic:
+        u = dt_parts  # pass (3) scales it by λeff as it loads it; pass (2) added Σ dt ⊙ t into dλ
+    else:  # u = (Σ_c dt) · λeff and the row blocks' Σ dt ⊙ t, in one pass over the r-wide partials
+        u = torch.empty(M, R, dtype=acc, device=device)
+        _launch_split_dt_finalize(lambda c: (blocks,),
+            dt_parts, t, lam_eff, u, dlam_parts, M, R, col, m_bucket(M), t.stride(0), t.stride(1),
+            NEED_DLAM=need_adapter, IS_FP64=meta["IS_FP64"], BLOCK_R=meta["BLOCK_R"],
+        )  # fmt: skip
+    dP = dlam = dQ = None
     dx = torch.empty(M, K, dtype=x2.dtype, device=device) if need_dx else x2  # (x2: never written)
-    dq_parts = torch.empty(row_x, R, K, dtype=acc, device=device) if need_adapter else u
     _launch_split_x_bwd(lambda c: (col_x, row_x),
-        x2, u, Q, dx, dq_parts, M, K, R, m_bucket(M),
+        x2, u, lam_eff, Q, dx, dq_parts, M, K, R, m_bucket(M),
         x2.stride(0), x2.stride(1), Q.stride(0), Q.stride(1), dx.stride(0), dx.stride(1),
         *_dropout_args(dropout_p, seed),
-        HAS_DROPOUT=dropout_p > 0.0, WRITE_DX=need_dx, NEED_DQ=need_adapter, **meta,
+        HAS_DROPOUT=dropout_p > 0.0, WRITE_DX=need_dx, NEED_DQ=need_adapter, ATOMIC=atomic, **meta,
     )  # fmt: skip
-    if need_adapter:  # dQ, dP and dλeff from their partials, in one launch
+    if need_adapter:  # dQ, dP and dλeff from their partials (or accumulators), in one launch
         dQ, dP, dlam = torch.empty_like(Q), torch.empty_like(P), torch.empty_like(lam_eff)
         programs = _cdiv(K, _FINALIZE_COLUMNS) + _cdiv(N, _FINALIZE_COLUMNS) + 1
         _launch_split_finalize(lambda c: (programs,),
-            dq_parts, dp_parts, dlam_parts, dQ, dP, dlam, K, N, R, row_x, row, blocks, m_bucket(M),
+            dq_parts, dp_parts, dlam_parts, dQ, dP, dlam, K, N, R, *parts, m_bucket(M),
             dQ.stride(0), dQ.stride(1), dP.stride(0), dP.stride(1),
             IS_FP64=meta["IS_FP64"], BLOCK_R=meta["BLOCK_R"],
         )  # fmt: skip

@@ -8,8 +8,9 @@ Profiles (DESIGN §6): ``smoke``, the main shape (8192×4096×4096, r = 16, bf16
 CUDA-graph replays beside the eager step, and the profiler's kernel table, then the same over an nf4 base
 (bitsandbytes' ``Linear4bit``; PEFT's ``SVDLinear4bit`` against ours, where bitsandbytes imports); ``bench`` adds
 fwd and bwd alone, r = 64, the other LLaMA shapes, the fused route with its portable GEMMs (on sm_90 the rows above
-time it with hopper.py's), the per-call cost, the allocator step and memory; ``model``, whole
-training steps of a 4-layer LLaMA-7B-wide model at 8192 tokens (``adalora-kernels bench-model``) at both rates.
+time it with hopper.py's), the split route with fixed-order partials (the rows above: atomics), the per-call cost,
+the allocator step and memory; ``model``, whole training steps of a 4-layer LLaMA-7B-wide model at 8192 tokens
+(``adalora-kernels bench-model``) at both rates.
 ``--dry-run``: the same stages on the CPU at tiny shapes in float32 (the GPU-only parts say so in their rows).
 
 Sentinels: a cuBLAS bf16 8192×4096×4096 GEMM (TFLOP/s), a 1 GiB device-to-device copy (GB/s, bytes read plus
@@ -24,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,6 +119,15 @@ def cases(profile: str, dry: bool) -> list[dict]:
     return out
 
 
+def _main_shape_rows(dtype: torch.dtype, device: torch.device, dry: bool, variant: str, tag: dict) -> list[dict]:
+    """``variant`` beside the frozen layer at the main shape, both rates, fwd+bwd with graphs; rows tagged."""
+    out = []
+    for p in (0.0, 0.1):
+        case = bm.make_case(*(DRY["main"] if dry else MAIN), 16, dtype, p, device, variants=["linear", variant])
+        out += [{**row, **tag} for row in bm.timing_rows(case, "fwd_bwd", rounds=20, graphs=True)]
+    return out
+
+
 def portable_gemm_rows(dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
     """The main shape's fused route (``triton``) with its portable GEMMs, beside the frozen layer, at both rates
     (rows ``"gemms": "portable"``): on sm_90 the other rows time it with hopper.py's, so one lease compares them."""
@@ -124,15 +135,29 @@ def portable_gemm_rows(dtype: torch.dtype, device: torch.device, dry: bool) -> l
         from adalora_kernels.kernels.triton import hopper
     except ImportError:
         return []
-    out = []
     hopper.ENABLED = False
     try:
-        for p in (0.0, 0.1):
-            case = bm.make_case(*(DRY["main"] if dry else MAIN), 16, dtype, p, device, variants=["linear", "triton"])
-            out += [{**row, "gemms": "portable"} for row in bm.timing_rows(case, "fwd_bwd", rounds=20, graphs=True)]
+        return _main_shape_rows(dtype, device, dry, "triton", {"gemms": "portable"})
     finally:
         hopper.ENABLED = True
-    return out
+
+
+def fixed_order_split_rows(dtype: torch.dtype, device: torch.device, dry: bool) -> list[dict]:
+    """The main shape's split route with its fixed-order partials (as under ``torch.use_deterministic_algorithms``),
+    beside the frozen layer, at both rates (rows ``"reductions": "fixed-order"``): the other rows time its atomics,
+    so one lease says which is faster. Uninitialised memory is not filled (that would time torch's NaN fills), and
+    torch's alerts for cuBLAS are silenced (``warn_only``), as the route is what is timed."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _main_shape_rows(dtype, device, dry, "triton_split", {"reductions": "fixed-order"})
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     if args.profile == "bench":
         rows.add(portable_gemm_rows(dtype, device, dry))
+        rows.add(fixed_order_split_rows(dtype, device, dry))
         from types import SimpleNamespace
 
         from adalora_kernels.cli import allocator_rows

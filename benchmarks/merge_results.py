@@ -65,6 +65,7 @@ def main(directory: str) -> Path | None:
             f"{row['tokens']}×{row['in']}×{row['out']}"
             + (f" {row['base']}" if row.get("base", "linear") != "linear" else "")
             + (f" {row['gemms']} GEMMs" if "gemms" in row else "")
+            + (f" {row['reductions']} reductions" if "reductions" in row else "")
         )
         graph = "graph_" if "graph_ms" in row else ""
         print(f"{row['op']:<8}{row['variant']:<14}{shape:<22}{row['r']:>3}{row['dropout']:>5}"

@@ -464,3 +464,32 @@ def test_gpu_timing_bench_times_the_fused_route_with_its_portable_gemms_too(monk
     with pytest.raises(ZeroDivisionError):
         timing.portable_gemm_rows(torch.float32, torch.device("cpu"), dry=True)
     assert hopper.ENABLED
+
+
+def test_gpu_timing_bench_times_the_split_route_with_fixed_order_partials_too(monkeypatch):
+    """The split route adds with atomics by default; the bench profile times it again with deterministic algorithms
+    on (rows ``"reductions": "fixed-order"``), without torch's NaN fills, and restores both settings after."""
+    import importlib.util
+
+    from adalora_kernels import benchmarking as bm
+
+    spec = importlib.util.spec_from_file_location("gpu_timing", ROOT / "benchmarks" / "gpu_timing.py")
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    seen = []
+
+    def fake_rows(case, mode, rounds, graphs):
+        det = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+        seen.append((det, sorted(case.variants), case.dropout))
+        return [{"op": mode, "variant": v, "ms": 1.0} for v in case.variants]
+
+    monkeypatch.setattr(bm, "timing_rows", fake_rows)
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    rows = timing.fixed_order_split_rows(torch.float32, torch.device("cpu"), dry=True)
+    assert seen == [((True, False), ["linear", "triton_split"], p) for p in (0.0, 0.1)]
+    assert len(rows) == 4 and all(r["reductions"] == "fixed-order" for r in rows)
+    monkeypatch.setattr(bm, "timing_rows", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        timing.fixed_order_split_rows(torch.float32, torch.device("cpu"), dry=True)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory == fill

@@ -407,22 +407,23 @@ def adapter_backward(g2, x2, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_ad
     col, row = pass_splits(M, N, device)
     col_x, row_x = pass_splits(M, K, device)
     blocks = _cdiv(M, FINALIZE_ROWS)
-    unused = torch.empty(1, dtype=acc, device=device)  # a pointer argument the kernel does not touch
+    if not need_adapter:  # dPᵀ, dQ and dλ untouched: one spare pointer, never an alias that a reset could clear
+        dp_parts = dq_parts = dlam_parts = torch.empty(1, dtype=acc, device=device)
     if atomic:  # one zeroed accumulator each, from one memset: dt (M, R), then dPᵀ (R, N), dQ (R, K) and dλ (R)
         sums = torch.zeros(M * R + (R * (N + K + 1) if need_adapter else 0), dtype=acc, device=device)
         dt_parts = sums[: M * R]
-        dp_parts, dq_parts, dlam_parts = (
-            (sums[M * R :][: R * N], sums[M * R + R * N :][: R * K], sums[-R:]) if need_adapter else (unused,) * 3
-        )
+        if need_adapter:
+            dp_parts, dq_parts, dlam_parts = sums[M * R :][: R * N], sums[M * R + R * N :][: R * K], sums[-R:]
         parts = (1, 1, 1)  # of dQ, dPᵀ and dλ, for the finalize
     else:
         dt_parts = torch.empty(col, M, R, dtype=acc, device=device)
-        dp_parts = torch.empty(row, R, N, dtype=acc, device=device) if need_adapter else unused
-        dq_parts = torch.empty(row_x, R, K, dtype=acc, device=device) if need_adapter else unused
-        dlam_parts = torch.empty(blocks, R, dtype=acc, device=device) if need_adapter else unused
+        if need_adapter:
+            dp_parts = torch.empty(row, R, N, dtype=acc, device=device)
+            dq_parts = torch.empty(row_x, R, K, dtype=acc, device=device)
+            dlam_parts = torch.empty(blocks, R, dtype=acc, device=device)  # (the g pass leaves it to the finalize)
         parts = (row_x, row, blocks)
     _launch_split_g_bwd(lambda c: (col, row),
-        g2, P, t, lam_eff, dt_parts, dp_parts, dlam_parts if atomic else unused, M, N, R, m_bucket(M),
+        g2, P, t, lam_eff, dt_parts, dp_parts, dlam_parts, M, N, R, m_bucket(M),
         g2.stride(0), g2.stride(1), P.stride(0), P.stride(1), t.stride(0), t.stride(1),
         NEED_DP=need_adapter, ATOMIC=atomic, **meta,
     )  # fmt: skip

@@ -125,42 +125,42 @@ def _linear_backward(b: _Book) -> None:
     b.gemm("mm: dx = g W", s.M, s.K, s.N)
 
 
-def _torch_mask(b: _Book) -> None:
-    """The torch backend's dropout scale on CUDA: the Philox keep-mask (the Triton mask kernel, a byte per
-    element), cast and scaled (then x * scale)."""
+def _torch_kept(b: _Book) -> None:
+    """The torch backend's dropped input on CUDA: the Philox keep-mask (the Triton mask kernel, a byte per
+    element), then ``x ⊙ keep`` reading the byte mask as it goes (``1 / (1 - p)`` is the next GEMM's alpha)."""
     s = b.s
     MK = s.M * s.K
     b.add("_keep_mask_kernel: Philox mask", "triton", 0, MK)
-    b.add("to: dtype", "aten", MK, s.E * MK)
-    b.elementwise("mul_: / (1 - p)", MK, MK)
-    b.elementwise("mul: x * scale", 2 * MK, MK)
+    b.add("mul: x ⊙ keep", "aten", (s.E + 1) * MK, s.E * MK)
 
 
 def _torch(b: _Book) -> None:
     s = b.s
-    M, K, N, r = s.M, s.K, s.N, s.r
-    if s.dropout > 0:
-        _torch_mask(b)
-    b.gemm("mm: t = drop(x) Qᵀ", M, r, K)
+    M, K, N, r, E = s.M, s.K, s.N, s.r, s.E
+    drop = s.dropout > 0
+    if drop:
+        _torch_kept(b)
+    b.gemm("addmm: t = s · (x ⊙ keep) Qᵀ" if drop else "mm: t = x Qᵀ", M, r, K)
     _base_forward(b)
     b.elementwise("mul: t λ", M * r, M * r)
     b.gemm("addmm_: y += (t λ) Pᵀ", M, N, r, c_read=True)
     b.phase = "bwd"
     b.gemm("mm: dt = g P", M, r, N)
     b.elementwise("mul: u = dt λ", M * r, M * r)
-    if s.dropout > 0:
-        _torch_mask(b)
+    if drop:
+        b.add("_keep_mask_kernel: Philox mask", "triton", 0, M * K)
     _linear_backward(b)
-    if s.dropout > 0:
+    if drop:
         b.gemm("mm: u Q", M, K, r)
-        b.elementwise("mul_: · scale", 2 * M * K, M * K)
-        b.elementwise("add_: dx +=", 2 * M * K, M * K)
+        b.add("addcmul_: dx += s · (u Q) ⊙ keep", "aten", (2 * E + 1) * M * K, E * M * K)
     else:
         b.gemm("addmm_: dx += u Q", M, K, r, c_read=True)
     b.elementwise("mul: t λ", M * r, M * r)
     b.gemm("mm: dP = gᵀ (t λ)", N, r, M)
     b.elementwise("mul, sum: dλ", 2 * M * r, r)
-    b.gemm("mm: dQ = uᵀ drop(x)", r, K, M)
+    if drop:
+        b.add("mul: x ⊙ keep", "aten", (E + 1) * M * K, E * M * K)
+    b.gemm("addmm: dQ = s · uᵀ (x ⊙ keep)" if drop else "mm: dQ = uᵀ x", r, K, M)
 
 
 def _triton(b: _Book, sms: int, arch: int) -> None:

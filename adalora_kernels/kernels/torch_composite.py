@@ -76,12 +76,30 @@ def dropout_keep_mask(shape: tuple[int, int], dropout_p: float, seed: int, devic
     return keep_mask_by_torch_ops(shape, dropout_p, seed, device)
 
 
-def _scaled_keep(x2: Tensor, dropout_p: float, seed: int) -> Tensor | None:
-    """``keep / (1 - p)`` in x's dtype, or ``None`` without dropout."""
+def _keep(x2: Tensor, dropout_p: float, seed: int) -> Tensor | None:
+    """The keep-mask over ``x2``, or ``None`` without dropout: bool on CUDA, whose elementwise kernels read the
+    byte mask as they go; elsewhere cast to x's dtype once, as the CPU's mixed-dtype kernels would cast it again in
+    a slower pass of their own at every use."""
     if dropout_p == 0.0:
         return None
     keep = dropout_keep_mask(tuple(x2.shape), dropout_p, seed, x2.device)
-    return keep.to(x2.dtype).mul_(1.0 / (1.0 - dropout_p))
+    return keep if x2.device.type == "cuda" else keep.to(x2.dtype)
+
+
+def _kept(x2: Tensor, keep: Tensor | None) -> Tensor:
+    """``x2 ⊙ keep`` unscaled, one pass; ``1 / (1 - p)`` is applied to the rank-sized GEMM results instead
+    (``_mm``)."""
+    return x2 if keep is None else x2 * keep
+
+
+def _mm(a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+    """``scale · (a @ b)``, the scale applied as the GEMM's alpha (one rounding, no extra pass); beta = 0, so the
+    0-dim input is never read."""
+    return a @ b if scale == 1.0 else torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scale)
+
+
+def _keep_scale(dropout_p: float) -> float:
+    return 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
 
 
 def linear_forward(
@@ -94,8 +112,7 @@ def linear_forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[Tensor, Tensor]:
-    scale = _scaled_keep(x2, dropout_p, seed)
-    t = (x2 if scale is None else x2 * scale) @ Q.T
+    t = _mm(_kept(x2, _keep(x2, dropout_p, seed)), Q.T, _keep_scale(dropout_p))
     y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
     y.addmm_(t * lam_eff, P.T)
     return y, t
@@ -116,25 +133,24 @@ def linear_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     dt = g2 @ P
     u = dt * lam_eff
-    scale = _scaled_keep(x2, dropout_p, seed)
+    keep, scale = _keep(x2, dropout_p, seed), _keep_scale(dropout_p)
     dx = dP = dlam = dQ = None
     if need_dx:
         dx = g2 @ weight
-        if scale is None:
+        if keep is None:
             dx.addmm_(u, Q)
         else:
-            dx.add_((u @ Q).mul_(scale))
+            dx.addcmul_(u @ Q, keep, value=scale)  # dx += scale · (u Q) ⊙ keep in one pass
     if need_adapter:
         dP = g2.T @ (t * lam_eff)
         dlam = (dt * t).sum(0)
-        dQ = u.T @ (x2 if scale is None else x2 * scale)
+        dQ = _mm(u.T, _kept(x2, keep), scale)
     return dx, dP, dlam, dQ
 
 
 def adapter_forward(x2: Tensor, P: Tensor, lam_eff: Tensor, Q: Tensor, dropout_p: float, seed: int):
     """The adapter alone (for a base layer with a forward of its own): ``((drop(x) Qᵀ) · λeff) Pᵀ`` and t."""
-    scale = _scaled_keep(x2, dropout_p, seed)
-    t = (x2 if scale is None else x2 * scale) @ Q.T
+    t = _mm(_kept(x2, _keep(x2, dropout_p, seed)), Q.T, _keep_scale(dropout_p))
     return (t * lam_eff) @ P.T, t
 
 
@@ -142,14 +158,14 @@ def adapter_backward(g2, x2, P, lam_eff, Q, t, dropout_p: float, seed: int, need
     """The adapter's gradients alone: the adapter's share of dx (``drop'(u Q)``), dP, dλeff, dQ."""
     dt = g2 @ P
     u = dt * lam_eff
-    scale = _scaled_keep(x2, dropout_p, seed)
+    keep, scale = _keep(x2, dropout_p, seed), _keep_scale(dropout_p)
     dx = dP = dlam = dQ = None
     if need_dx:
-        dx = u @ Q if scale is None else (u @ Q).mul_(scale)
+        dx = _kept(_mm(u, Q, scale), keep)
     if need_adapter:
         dP = g2.T @ (t * lam_eff)
         dlam = (dt * t).sum(0)
-        dQ = u.T @ (x2 if scale is None else x2 * scale)
+        dQ = _mm(u.T, _kept(x2, keep), scale)
     return dx, dP, dlam, dQ
 
 

@@ -101,11 +101,27 @@ def test_unknown_instruction_set_is_refused():
     )
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def _cuda_kernels_built() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("adalora_kernels::csrc_linear_fwd", "CUDA")
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.gpu),
+        pytest.param(
+            "cuda-kernels",
+            marks=pytest.mark.skipif(not _cuda_kernels_built(), reason="the extension is built without CUDA"),
+        ),
+    ],
+)
 def test_every_op_raises_on_bad_input_and_never_crashes(device):
-    """A failed check in the extension is a Python exception, on every op and build (a CUDA-built extension called
-    with CPU tensors in CI's version leg, with CUDA tensors on a GPU), never a signal: in a fresh process, with
-    faulthandler on, so a crash is this test's failure and its traceback, not the end of the run."""
+    """A failed check in the extension is a Python exception, on every op and build, never a signal: in a fresh
+    process, with faulthandler on, so a crash is this test's failure and its traceback, not the end of the run.
+    ``cpu``: the CPU kernels of either build; ``cuda``: CUDA tensors on a GPU; ``cuda-kernels``: the CUDA build's
+    kernels reached without a GPU (CI's version leg), CPU tensors redispatched to them, rejected for their shape
+    and for their device."""
     tests = os.path.dirname(os.path.abspath(__file__))
     path = os.pathsep.join([tests, os.path.dirname(tests), *filter(None, [os.environ.get("PYTHONPATH")])])
     worker = [sys.executable, "-X", "faulthandler", os.path.join(tests, "csrc_checks_worker.py"), device]
@@ -115,3 +131,7 @@ def test_every_op_raises_on_bad_input_and_never_crashes(device):
     results = json.loads(done.stdout.strip().splitlines()[-1])
     for op, what in results.items():
         assert what.startswith(("RuntimeError", "ValueError", "TypeError", "IndexError")), (op, what)
+    if device == "cuda-kernels":
+        every = {"csrc_linear_fwd", "csrc_linear_bwd", "csrc_dropout_keep_mask", "csrc_sensitivity_update"}
+        assert every | {f"{op} (device)" for op in ("csrc_linear_fwd", "csrc_linear_bwd")} <= set(results), results
+        assert all("expected CUDA tensors" in results[f"{op} (device)"] for op in ("csrc_linear_fwd", "csrc_linear_bwd"))

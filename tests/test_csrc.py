@@ -91,6 +91,23 @@ def test_float32_kernels_of_every_instruction_set(isa):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_the_mask_of_every_instruction_set_is_the_references(isa):
+    """The keep-mask is drawn by a version per instruction set (16 or 8 Philox calls at once, or one); each, forced,
+    draws the reference's bits: every column count to 70 (tails of every length), blocks of rows past the first,
+    seeds with high bits set, rates at both ends. (A set the CPU lacks falls back to the widest it has.)"""
+    script = (
+        "import torch\n"
+        "from adalora_kernels import reference\n"
+        "from helpers import keep_mask\n"
+        "for seed in (3, 2**40 + 12345, 2**63 - 1):\n"
+        "    for shape, p in [*(((3, c), 0.3) for c in range(1, 71)), ((150, 97), 0.1), ((70, 33), 1e-9), ((9, 64), 0.999)]:\n"
+        "        assert torch.equal(keep_mask('csrc', shape, p, seed), reference.dropout_keep_mask(shape, p, seed)), (seed, shape, p)\n"
+    )
+    done = _run_with_isa(isa, script)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_unknown_instruction_set_is_refused():
     script = (
         "import torch, adalora_kernels as ak\nak.AdaLoRALinear(8, 4, init_r=2, backend='csrc')(torch.randn(3, 8))\n"

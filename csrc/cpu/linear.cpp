@@ -19,34 +19,11 @@
 
 #include "../checks.h"
 #include "../dropout_philox.h"
+#include "dropout_mask.h"
 #include "rank_products.h"
 
 namespace adalora_kernels {
 namespace {
-
-// mask[i * cols + k] = keep(row0 + i, k). The Philox words of a chunk of column groups are drawn first (a loop
-// over groups with 32-bit lanes and 32x32->64-bit products), then compared in column order; both loops vectorise
-// where AVX2/AVX-512 is present.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void keep_rows(uint8_t* mask, int64_t rows, int64_t cols,
-                                                                            int64_t row0, uint64_t seed,
-                                                                            uint32_t threshold) {
-  constexpr int64_t kChunk = 64;  // column groups (of four) per draw
-  uint32_t words[4 * kChunk];  // column 4 g + j's word at 4 g + j
-  const int64_t groups = (cols + 3) / 4;
-  for (int64_t i = 0; i < rows; ++i) {
-    const uint32_t row = static_cast<uint32_t>(row0 + i);
-    uint8_t* m = mask + i * cols;
-    for (int64_t g0 = 0; g0 < groups; g0 += kChunk) {
-      const int64_t n = std::min(kChunk, groups - g0);
-      for (int64_t g = 0; g < n; ++g) {
-        const PhiloxWords w = philox4x32_10(seed, static_cast<uint32_t>(g0 + g), row);
-        for (int j = 0; j < 4; ++j) words[4 * g + j] = w.w[j];
-      }
-      const int64_t c0 = 4 * g0, c1 = std::min(cols, 4 * (g0 + n));
-      for (int64_t k = c0; k < c1; ++k) m[k] = dropout_keep_word(words[k - c0], threshold);
-    }
-  }
-}
 
 // out[i, k] = mask[i, k] ? src[i, k] * scale : 0 for a block of rows with unit column stride (out may be src);
 // scalar_t is float or double.

@@ -1,13 +1,12 @@
 // Register-tiled float32 kernels for the rank-r products (see rank_products.h), written once over GCC vector
 // types and compiled three times with tiles sized to the registers of each: AVX-512 (32 registers of 16
-// floats), AVX2 (16 of 8) and baseline x86-64/other (16 of 4). The widest the CPU runs is chosen once.
+// floats), AVX2 (16 of 8) and baseline x86-64/other (16 of 4). cpu_isa() picks one, once.
 #include "rank_products.h"
 
+#include "isa.h"
+
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <stdexcept>
-#include <string>
 
 // Vectors are only passed between inlined helpers, never across an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -193,21 +192,20 @@ AK_TABLE(avx2, Avx2, __attribute__((target("avx2"))))
 AK_TABLE(avx512, Avx512, __attribute__((target("avx512f"))))
 #endif
 
-// The widest instruction set the CPU runs, or the one ADALORA_KERNELS_CPU_ISA names (baseline, avx2, avx512;
-// for tests and comparisons; one the CPU lacks falls back to the best it has).
+// The table of the instruction set cpu_isa() names.
 const Table& table() {
-  static const Table chosen = [] {
-    const char* env = std::getenv("ADALORA_KERNELS_CPU_ISA");
-    const std::string want = env != nullptr ? env : "";
-    if (!want.empty() && want != "baseline" && want != "avx2" && want != "avx512") {
-      throw std::invalid_argument("ADALORA_KERNELS_CPU_ISA: expected baseline, avx2 or avx512, got '" + want + "'");
-    }
-    if (want == "baseline") return baseline_table;
+  static const Table& chosen = [] () -> const Table& {
 #ifdef AK_X86
-    __builtin_cpu_init();
-    const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
-    if (avx512 && (want.empty() || want == "avx512")) return avx512_table;
-    if (avx2) return avx2_table;
+    switch (cpu_isa()) {
+      case CpuIsa::kAvx512:
+        return avx512_table;
+      case CpuIsa::kAvx2:
+        return avx2_table;
+      case CpuIsa::kBaseline:
+        break;
+    }
+#else
+    cpu_isa();  // an unknown ADALORA_KERNELS_CPU_ISA is refused on every machine
 #endif
     return baseline_table;
   }();

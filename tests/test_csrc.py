@@ -96,15 +96,9 @@ def test_the_mask_of_every_instruction_set_is_the_references(isa):
     """The keep-mask is drawn by a version per instruction set (16 or 8 Philox calls at once, or one); each, forced,
     draws the reference's bits: every column count to 70 (tails of every length), blocks of rows past the first,
     seeds with high bits set, rates at both ends. (A set the CPU lacks falls back to the widest it has.)"""
-    script = (
-        "import torch\n"
-        "from adalora_kernels import reference\n"
-        "from helpers import keep_mask\n"
-        "for seed in (3, 2**40 + 12345, 2**63 - 1):\n"
-        "    for shape, p in [*(((3, c), 0.3) for c in range(1, 71)), ((150, 97), 0.1), ((70, 33), 1e-9), ((9, 64), 0.999)]:\n"
-        "        assert torch.equal(keep_mask('csrc', shape, p, seed), reference.dropout_keep_mask(shape, p, seed)), (seed, shape, p)\n"
+    done = _run_with_isa(
+        isa, "from test_dropout_mask import check_the_csrc_mask_at_every_tail\ncheck_the_csrc_mask_at_every_tail()"
     )
-    done = _run_with_isa(isa, script)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -151,4 +145,6 @@ def test_every_op_raises_on_bad_input_and_never_crashes(device):
     if device == "cuda-kernels":
         every = {"csrc_linear_fwd", "csrc_linear_bwd", "csrc_dropout_keep_mask", "csrc_sensitivity_update"}
         assert every | {f"{op} (device)" for op in ("csrc_linear_fwd", "csrc_linear_bwd")} <= set(results), results
-        assert all("expected CUDA tensors" in results[f"{op} (device)"] for op in ("csrc_linear_fwd", "csrc_linear_bwd"))
+        assert all(
+            "expected CUDA tensors" in results[f"{op} (device)"] for op in ("csrc_linear_fwd", "csrc_linear_bwd")
+        )

@@ -60,6 +60,17 @@ def test_every_backend_draws_the_reference_mask(backend, seed):
         assert torch.equal(got, reference.dropout_keep_mask(shape, p, seed)), (shape, p)
 
 
+def check_the_csrc_mask_at_every_tail() -> None:
+    """The extension's CPU mask against the reference: every column count to 70 (vector tails of every length),
+    blocks of rows past the first, seeds with high bits set, rates at both ends (run per instruction set by
+    ``test_csrc.py``)."""
+    shapes = [*(((3, c), 0.3) for c in range(1, 71)), ((150, 97), 0.1), ((70, 33), 1e-9), ((9, 64), 0.999)]
+    for seed in (3, 2**40 + 12345, 2**63 - 1):
+        for shape, p in shapes:
+            got = keep_mask("csrc", shape, p, seed)
+            assert torch.equal(got, reference.dropout_keep_mask(shape, p, seed)), (seed, shape, p)
+
+
 def test_the_torch_ops_mask_is_the_references():
     """The torch backend's own Philox (int64 ops that wrap), used where no mask kernel is built."""
     from adalora_kernels.kernels.torch_composite import keep_mask_by_torch_ops

@@ -3,10 +3,10 @@
 // floats), AVX2 (16 of 8) and baseline x86-64/other (16 of 4). cpu_isa() picks one, once.
 #include "rank_products.h"
 
-#include "isa.h"
-
 #include <algorithm>
 #include <cstring>
+
+#include "isa.h"
 
 // Vectors are only passed between inlined helpers, never across an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"

@@ -17,6 +17,7 @@ compile seconds are real (``--keep-cache`` reuses Triton's own).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,6 +37,19 @@ def cases(quick: bool) -> list[tuple[str, int]]:
     if quick:
         return [("bfloat16", 16), ("bfloat16", 64), ("bfloat16", 128), ("float32", 16)]
     return [(d, r) for d in DTYPES for r in (FP64_RANKS if d == "float64" else RANKS)]
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(on: bool):
+    """``torch.use_deterministic_algorithms(on)`` for the block, the caller's setting restored after it."""
+    import torch  # (imported where the sweep's workers have set their environment, as in compile_case)
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def compile_case(arch: int, dtype_name: str, r: int) -> list[dict]:
@@ -66,9 +80,8 @@ def compile_case(arch: int, dtype_name: str, r: int) -> list[dict]:
                     _, t = kernels.linear_forward(x, w, bias, P, lam, Q, p, 2**40 + 7)
                 for need_adapter in (True, False):
                     for deterministic in forms:
-                        torch.use_deterministic_algorithms(deterministic)
-                        kernels.linear_backward(g, x, w, P, lam, Q, t, p, 12345, True, need_adapter)
-            torch.use_deterministic_algorithms(False)
+                        with _deterministic_algorithms(deterministic):
+                            kernels.linear_backward(g, x, w, P, lam, Q, t, p, 12345, True, need_adapter)
         if dtype_name in ("float32", "float64") and r == 16:  # the allocator's kernels: adapter dtypes
             layout = FlatLayout([(N, r, K)], dtype, x.device)
             triples = [(P, lam, Q)]

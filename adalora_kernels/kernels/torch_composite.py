@@ -134,18 +134,14 @@ def linear_backward(
     dt = g2 @ P
     u = dt * lam_eff
     keep, scale = _keep(x2, dropout_p, seed), _keep_scale(dropout_p)
-    dx = dP = dlam = dQ = None
+    dx = None
     if need_dx:
         dx = g2 @ weight
         if keep is None:
             dx.addmm_(u, Q)
         else:
             dx.addcmul_(u @ Q, keep, value=scale)  # dx += scale · (u Q) ⊙ keep in one pass
-    if need_adapter:
-        dP = g2.T @ (t * lam_eff)
-        dlam = (dt * t).sum(0)
-        dQ = _mm(u.T, _kept(x2, keep), scale)
-    return dx, dP, dlam, dQ
+    return (dx, *_adapter_grads(g2, x2, lam_eff, t, dt, u, keep, scale, need_adapter))
 
 
 def adapter_forward(x2: Tensor, P: Tensor, lam_eff: Tensor, Q: Tensor, dropout_p: float, seed: int):
@@ -159,14 +155,15 @@ def adapter_backward(g2, x2, P, lam_eff, Q, t, dropout_p: float, seed: int, need
     dt = g2 @ P
     u = dt * lam_eff
     keep, scale = _keep(x2, dropout_p, seed), _keep_scale(dropout_p)
-    dx = dP = dlam = dQ = None
-    if need_dx:
-        dx = _kept(_mm(u, Q, scale), keep)
-    if need_adapter:
-        dP = g2.T @ (t * lam_eff)
-        dlam = (dt * t).sum(0)
-        dQ = _mm(u.T, _kept(x2, keep), scale)
-    return dx, dP, dlam, dQ
+    dx = _kept(_mm(u, Q, scale), keep) if need_dx else None
+    return (dx, *_adapter_grads(g2, x2, lam_eff, t, dt, u, keep, scale, need_adapter))
+
+
+def _adapter_grads(g2, x2, lam_eff, t, dt, u, keep, scale: float, need: bool):
+    """dP, dλeff and dQ (``None`` each where not ``need``), from dt = g P and u = dt · λeff."""
+    if not need:
+        return None, None, None
+    return g2.T @ (t * lam_eff), (dt * t).sum(0), _mm(u.T, _kept(x2, keep), scale)
 
 
 def sensitivity_update(layout, params, grads, ema_ipt: Tensor, ema_unc: Tensor, beta1: float, beta2: float) -> Tensor:

@@ -6,6 +6,7 @@
 // dispatch to the CPU or CUDA implementation. lam_eff = (lam * scaling) * rank_mask and its gradient
 // (g * rank_mask) * scaling round as the Python path (ordinary autograd through reference.effective_lam) does.
 // Saved for backward: x, the parameters, lam_eff (r), t (M x r); the dropout mask is regenerated from the seed.
+// Under create_graph=True the backward runs in differentiable ATen ops instead, so a second derivative is right.
 // Traced calls (torch.compile, fake tensors) keep the Python custom ops, which have fake kernels.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -46,6 +47,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bwd(const at::Te
   return op.call(g, x, weight, P, lam_eff, Q, t, p, seed, need_dx, need_adapter);
 }
 
+at::Tensor keep_mask(const at::Tensor& like, int64_t rows, int64_t cols, double p, int64_t seed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("adalora_kernels::csrc_dropout_keep_mask", "")
+                             .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, double, int64_t)>();
+  return op.call(like, rows, cols, p, seed);
+}
+
 at::Tensor effective_lam(const at::Tensor& lam, const std::optional<at::Tensor>& rank_mask, double scaling) {
   at::Tensor out = lam * scaling;
   if (rank_mask.has_value() && rank_mask->defined()) out.mul_(*rank_mask);  // by 0 or 1, as the Python path
@@ -66,6 +74,27 @@ at::Tensor like_input(const at::Tensor& y, const at::Tensor& x) {
   return y.view(shape);
 }
 
+// The gradients (dx, dP, dlam_eff, dQ) in differentiable ATen ops, for a backward run with create_graph=True
+// (gradient penalties, meta-learning): t recomputed from x and Q, and lam_eff from lam by the caller, so autograd
+// can differentiate them again. csrc_linear_bwd's results carry no autograd history: a second derivative through
+// them would be silently zero.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> differentiable_grads(const at::Tensor& g, const at::Tensor& x,
+                                                                                const at::Tensor& weight,
+                                                                                const at::Tensor& P,
+                                                                                const at::Tensor& lam_eff,
+                                                                                const at::Tensor& Q, double p,
+                                                                                int64_t seed) {
+  at::Tensor keep, xd = x;
+  if (p > 0.0) {
+    keep = keep_mask(x, x.size(0), x.size(1), p, seed).to(x.scalar_type()).mul_(1.0 / (1.0 - p));
+    xd = x * keep;
+  }
+  const at::Tensor t = xd.mm(Q.t()), dt = g.mm(P);
+  const at::Tensor u = dt * lam_eff, uQ = u.mm(Q);
+  const at::Tensor dx = g.mm(weight) + (keep.defined() ? uQ * keep : uQ);
+  return {dx, g.t().mm(t * lam_eff), (dt * t).sum(0), u.t().mm(xd)};
+}
+
 class AdaLoRALinearFunction : public torch::autograd::Function<AdaLoRALinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -75,7 +104,7 @@ class AdaLoRALinearFunction : public torch::autograd::Function<AdaLoRALinearFunc
     const at::Tensor lam_eff = effective_lam(lam, rank_mask, scaling);
     auto [y, t] = call_fwd(rows_of(x), weight, bias, P, lam_eff, Q, dropout_p, seed);
     const bool masked = rank_mask.has_value() && rank_mask->defined();
-    ctx->save_for_backward({x, weight, P, lam_eff, Q, t, masked ? *rank_mask : at::Tensor()});
+    ctx->save_for_backward({x, weight, P, lam_eff, Q, t, masked ? *rank_mask : at::Tensor(), lam});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["seed"] = seed;
@@ -86,7 +115,7 @@ class AdaLoRALinearFunction : public torch::autograd::Function<AdaLoRALinearFunc
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &P = saved[2], &lam_eff = saved[3], &Q = saved[4],
-                     &t = saved[5], &rank_mask = saved[6];
+                     &t = saved[5], &rank_mask = saved[6], &lam = saved[7];
     const double scaling = ctx->saved_data["scaling"].toDouble();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     // needs_input_grad counts the tensors that were passed: x, weight, [bias], P, lam, Q, [rank_mask]
@@ -101,9 +130,13 @@ class AdaLoRALinearFunction : public torch::autograd::Function<AdaLoRALinearFunc
     const at::Tensor x2 = rows_of(x);
     at::Tensor dx, dW, db, dP, dlam, dQ;
     if (need_dx || need_adapter) {
-      auto [dx2, dP_, dlam_eff, dQ_] = call_bwd(g2, x2, weight, P, lam_eff, Q, t,
-                                                ctx->saved_data["dropout_p"].toDouble(),
-                                                ctx->saved_data["seed"].toInt(), need_dx, need_adapter);
+      const double p = ctx->saved_data["dropout_p"].toDouble();
+      const int64_t seed = ctx->saved_data["seed"].toInt();
+      // GradMode is on in a backward only under create_graph=True
+      auto [dx2, dP_, dlam_eff, dQ_] =
+          at::GradMode::is_enabled()
+              ? differentiable_grads(g2, x2, weight, P, effective_lam(lam, rank_mask, scaling), Q, p, seed)
+              : call_bwd(g2, x2, weight, P, lam_eff, Q, t, p, seed, need_dx, need_adapter);
       if (need_dx) dx = dx2.view(x.sizes());
       if (need_P) dP = dP_;
       if (need_Q) dQ = dQ_;

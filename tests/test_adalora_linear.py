@@ -1,5 +1,7 @@
 """The ``adalora_linear`` op on every backend that runs here, against the fp64 reference."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import DEVICE, keep_mask, make_inputs, max_err, runnable_backends
@@ -123,6 +125,23 @@ def test_gradcheck_fp64(backend, p):
         return run(backend, x, w, b, P, lam, Q, m, p, seed=42)
 
     assert torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_second_derivatives_fp64(backend, p):
+    """backward(create_graph=True) (gradient penalties, meta-learning) gives gradients autograd can differentiate
+    again, every input included: the fused kernels' results carry no history, so a backend that returned them
+    there gave a second derivative of zero (csrc) or a partial one (the triton routes, the torch backend's saved t)."""
+    x, w, b, P, lam, Q, m = make_inputs((2, 2), 5, 4, 3, torch.float64, mask=True)
+    leaves = [v.requires_grad_() for v in (x, w, b, P, lam, Q)]
+
+    def f(x, w, b, P, lam, Q):
+        return run(backend, x, w, b, P, lam, Q, m, p, seed=42)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it backpropagates through an op with no autograd kernel
+        assert torch.autograd.gradgradcheck(f, leaves)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -184,6 +184,10 @@ def test_the_adapter_op_matches_the_reference_and_opcheck(backend, p):
         mine = torch.autograd.grad(y, wrt, g, retain_graph=True)
         for a, b in zip(mine, torch.autograd.grad(ref, wrt, g, retain_graph=True)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradgradcheck(  # backward(create_graph=True): differentiable gradients
+        lambda x, P, lam, Q: adalora_adapter(x, base, P, lam, Q, scaling=0.7, dropout_p=p, seed=11, backend=backend),
+        (x, *leaves),
+    )
     seed = torch.tensor(11)
     x2 = x.detach().reshape(14, 33)
     torch.library.opcheck(adapter_fwd, (x2, P.detach(), lam.detach(), Q.detach(), p, seed, backend))

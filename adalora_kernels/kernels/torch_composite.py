@@ -102,6 +102,12 @@ def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
 
 
+def adapter_t(x2: Tensor, Q: Tensor, dropout_p: float, seed: int) -> Tensor:
+    """``t = drop(x) Qᵀ``, the adapter's rank-r activation (what the forward saves, and what a differentiable
+    backward recomputes)."""
+    return _mm(_kept(x2, _keep(x2, dropout_p, seed)), Q.T, _keep_scale(dropout_p))
+
+
 def linear_forward(
     x2: Tensor,
     weight: Tensor,
@@ -112,7 +118,7 @@ def linear_forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[Tensor, Tensor]:
-    t = _mm(_kept(x2, _keep(x2, dropout_p, seed)), Q.T, _keep_scale(dropout_p))
+    t = adapter_t(x2, Q, dropout_p, seed)
     y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
     y.addmm_(t * lam_eff, P.T)
     return y, t
@@ -146,7 +152,7 @@ def linear_backward(
 
 def adapter_forward(x2: Tensor, P: Tensor, lam_eff: Tensor, Q: Tensor, dropout_p: float, seed: int):
     """The adapter alone (for a base layer with a forward of its own): ``((drop(x) Qᵀ) · λeff) Pᵀ`` and t."""
-    t = _mm(_kept(x2, _keep(x2, dropout_p, seed)), Q.T, _keep_scale(dropout_p))
+    t = adapter_t(x2, Q, dropout_p, seed)
     return (t * lam_eff) @ P.T, t
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..kernels import get_backend
+from ..kernels import get_backend, torch_composite
 from ..reference import effective_lam
 from .backend import measured_choice, requested, resolve_backend, runnable
 
@@ -35,6 +35,24 @@ def _backward_impl(grad, x, weight, P, lam_eff, Q, t, dropout_p, seed: int, back
     x2, g2 = x.reshape(rows, x.shape[-1]), grad.reshape(rows, weight.shape[0])
     kernels = get_backend(backend, x.device)
     dx, dP, dlam, dQ = kernels.linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter)
+    return (dx.reshape(x.shape) if dx is not None else None), dP, dlam, dQ
+
+
+def differentiable_backward(grad, x, weight, P, lam_eff, Q, dropout_p: float, seed: int, need_dx, need_adapter):
+    """The gradients in differentiable torch ops, for a backward run with ``create_graph=True`` (gradient penalties,
+    meta-learning): the torch backend's backward with t recomputed from x and Q, so autograd can differentiate the
+    gradients again. The fused kernels' results carry no autograd history: a second derivative through them would
+    be silently zero or partial. ``weight=None``: the adapter alone (``adalora_adapter``)."""
+    rows = x.shape[:-1].numel()
+    x2 = x.reshape(rows, x.shape[-1])
+    g2 = grad.reshape(rows, P.shape[0])
+    t = torch_composite.adapter_t(x2, Q, dropout_p, seed)
+    if weight is None:
+        grads = torch_composite.adapter_backward(g2, x2, P, lam_eff, Q, t, dropout_p, seed, need_dx, need_adapter)
+    else:
+        grads = torch_composite.linear_backward(g2, x2, weight, P, lam_eff, Q, t, dropout_p, seed, need_dx,
+                                                need_adapter)  # fmt: skip
+    dx, dP, dlam, dQ = grads
     return (dx.reshape(x.shape) if dx is not None else None), dP, dlam, dQ
 
 
@@ -98,7 +116,10 @@ def _backward(ctx, grad_y, _grad_t=None):
     need_dx, need_adapter = need[0], need[3] or need[4] or need[5]
     dx = dW = db = dP = dlam = dQ = None
     if need_dx or need_adapter:
-        if ctx.eager:  # the kernels directly, no custom-op dispatch (see _EagerLinear)
+        if torch.is_grad_enabled():  # backward(create_graph=True): gradients autograd can differentiate again
+            grads = differentiable_backward(grad_y, x, weight, P, lam_eff, Q, ctx.dropout_p, int(seed), need_dx,
+                                            need_adapter)  # fmt: skip
+        elif ctx.eager:  # the kernels directly, no custom-op dispatch (see _EagerLinear)
             grads = _backward_impl(grad_y, x, weight, P, lam_eff, Q, t, ctx.dropout_p, ctx.seed, ctx.backend,
                                    need_dx, need_adapter)  # fmt: skip
         else:

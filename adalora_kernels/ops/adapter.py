@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..kernels import get_backend
 from ..reference import effective_lam
-from .adalora_linear import _check_tensor_args, _seed_tensor
+from .adalora_linear import _check_tensor_args, _seed_tensor, differentiable_backward
 from .backend import requested, resolve_backend, runnable
 
 
@@ -80,8 +80,12 @@ def _backward(ctx, grad, _grad_t=None):
     need_dx, need_adapter = need[0], need[1] or need[2] or need[3]
     if not (need_dx or need_adapter):
         return None, None, None, None, None, None, None
-    dx, dP, dlam, dQ = adapter_bwd(grad.contiguous(), x, P, lam_eff, Q, t, ctx.dropout_p, seed, ctx.backend, need_dx,
-                                   need_adapter)  # fmt: skip
+    if torch.is_grad_enabled():  # backward(create_graph=True): gradients autograd can differentiate again
+        dx, dP, dlam, dQ = differentiable_backward(grad, x, None, P, lam_eff, Q, ctx.dropout_p, int(seed), need_dx,
+                                                   need_adapter)  # fmt: skip
+    else:
+        dx, dP, dlam, dQ = adapter_bwd(grad.contiguous(), x, P, lam_eff, Q, t, ctx.dropout_p, seed, ctx.backend,
+                                       need_dx, need_adapter)  # fmt: skip
     return (dx if need_dx else None, *(v if n else None for v, n in zip((dP, dlam, dQ), need[1:4])), None, None, None)
 
 

@@ -77,6 +77,13 @@ def test_attach_steps_the_allocator_once_per_real_optimizer_step(kind):
     handle.remove()
     _loop(m2, o2, 1)
     assert a2.step_count == 12  # detached
+    a2.attach(o2)  # attached again after the remove: one step each
+    other = torch.optim.SGD([p for p in m2.parameters() if p.requires_grad], lr=0.05)
+    for opt in (o2, other):  # a second hook, on the same optimizer or another, would step it twice a step
+        with pytest.raises(RuntimeError, match="attach: already attached"):
+            a2.attach(opt, start_step=0)
+    _loop(m2, o2, 2)
+    assert a2.step_count == 14  # two hooks would have counted 16
 
 
 def test_a_skipped_optimizer_step_is_not_counted():

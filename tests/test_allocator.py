@@ -1,5 +1,7 @@
 """``RankAllocator`` step by step against PEFT 0.21 on the same weights and gradients."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -149,17 +151,18 @@ def test_no_host_sync_inside_update(backend, monkeypatch):
     assert alloc.rank_pattern is not None  # allowed outside the step
 
 
-def test_state_dict_resume_gives_identical_results():
+@pytest.mark.parametrize("at", [9, 20])  # budgeting; the final phase (a frozen pattern, loaded with grad mode on)
+def test_state_dict_resume_gives_identical_results(at):
     pm, ours, alloc = build_pair(6, 2, 24, 2, 6, 2)
     gen = torch.Generator().manual_seed(3)
-    for step in range(9):
+    for step in range(at):
         fake_step(pm, ours, gen)
         alloc.update_and_allocate(step)
     state = alloc.state_dict()
     snapshot = {k: v.clone() for k, v in ours.state_dict().items()}
     gen_state = gen.get_state()
     trace = []
-    for step in range(9, 28):
+    for step in range(at, 28):
         fake_step(pm, ours, gen)
         trace.append((alloc.update_and_allocate(step), alloc.rank_pattern, ours.d.lam.clone()))
     # a fresh allocator on a model restored to the snapshot
@@ -167,11 +170,34 @@ def test_state_dict_resume_gives_identical_results():
     fresh = ak.RankAllocator(ours, target_r=2, total_step=24, tinit=2, tfinal=6, deltaT=2)
     fresh.load_state_dict(state)
     gen.set_state(gen_state)
-    for i, step in enumerate(range(9, 28)):
+    for i, step in enumerate(range(at, 28)):
         fake_step(pm, ours, gen)
         budget = fresh.update_and_allocate(step)
         assert (budget, fresh.rank_pattern) == trace[i][:2]
         assert torch.equal(ours.d.lam, trace[i][2])
+
+
+def test_replaced_adapter_tensors_are_followed_and_a_changed_rank_is_refused():
+    pm, ours, alloc = build_pair(6, 2, 24, 2, 6, 2)
+    twin, twin_alloc = copy.deepcopy(ours), None
+    twin_alloc = ak.RankAllocator(twin, target_r=2, total_step=24, tinit=2, tfinal=6, deltaT=2)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(12):
+        if step == 6:  # new parameter objects with the same values (a load with assign=True)
+            twin.load_state_dict({k: v.clone() for k, v in twin.state_dict().items()}, assign=True)
+            assert twin.a.lam is not twin_alloc.triplets[0].lam
+        state = gen.get_state()
+        fake_step(pm, ours, gen)
+        gen.set_state(state)
+        fake_step(pm, twin, gen)  # (PEFT's model steps twice: it is not compared here)
+        assert alloc.update_and_allocate(step) == twin_alloc.update_and_allocate(step)
+        assert alloc.rank_pattern == twin_alloc.rank_pattern
+    for n in NAMES:
+        assert torch.equal(getattr(ours, n).lam, getattr(twin, n).lam)
+    ours.b.keep_ranks(torch.arange(6) != 3)  # a rank change mid-training: the EMAs and budget no longer fit
+    with pytest.raises(ValueError, match=r"^b: its adapter is now P, lam, Q of shapes"):
+        alloc.update_and_allocate(12)
+    assert alloc.calls == 12
 
 
 @pytest.mark.parametrize(

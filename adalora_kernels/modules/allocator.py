@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -75,13 +76,32 @@ def innermost_optimizer(optimizer):
     return optimizer
 
 
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> the optimizers it was attached to
+
+
+def _hooked(owner, optimizer) -> bool:
+    """Whether ``optimizer`` still holds a step hook of ``owner`` (its handle may have been removed since)."""
+    hooks = getattr(optimizer, "_optimizer_step_post_hooks", {})
+    return any(isinstance(h, _StepHook) and h.owner is owner for h in hooks.values())
+
+
 def attach_step_hook(owner, optimizer, start_step: int | None) -> RemovableHandle:
-    """``owner.update_and_allocate`` once per real step of ``optimizer``, its step counted in ``owner.step_count``."""
+    """``owner.update_and_allocate`` once per real step of ``optimizer``, its step counted in ``owner.step_count``.
+    A second hook (on this optimizer or another) would step the allocator twice per training step: refused while
+    the first is attached."""
+    if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
+        raise ValueError(f"start_step: expected an int >= 0, got {start_step!r}")
+    inner = innermost_optimizer(optimizer)
+    attached = _ATTACHED.setdefault(owner, weakref.WeakSet())
+    if any(_hooked(owner, other) for other in attached):
+        raise RuntimeError(
+            "attach: already attached to an optimizer, so a second hook would step the allocator twice per training "
+            "step; attach once (the handle attach returned has .remove() to detach)"
+        )
     if start_step is not None:
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step: expected an int >= 0, got {start_step!r}")
         owner.step_count = start_step
-    return innermost_optimizer(optimizer).register_step_post_hook(_StepHook(owner))
+    attached.add(inner)
+    return inner.register_step_post_hook(_StepHook(owner))
 
 
 def _find_triplets(model: nn.Module) -> list[_Triplet]:
@@ -197,6 +217,23 @@ class RankAllocator:
         self._ema_ipt = self._layout.zeros()
         self._ema_unc = self._layout.zeros()
 
+    def _follow_layers(self) -> None:
+        """Score and mask the adapter tensors our layers hold now: a ``load_state_dict(..., assign=True)`` or
+        ``to_empty()`` replaces the parameter objects the allocator was built with. A changed rank (``keep_ranks``)
+        is refused, naming the layer: the EMAs, scores and budget count the ranks the allocator was built with."""
+        for t in self.triplets:
+            params = t.layer._parameters if t.layer is not None else None  # (a dict read: this runs every step)
+            if params is None or (params["lam"] is t.lam and params["P"] is t.P and params["Q"] is t.Q):
+                continue
+            now = [tuple(params[k].shape) for k in ("P", "lam", "Q")]
+            if now != [tuple(t.P.shape), tuple(t.lam.shape), tuple(t.Q.shape)]:
+                raise ValueError(
+                    f"{t.name}: its adapter is now P, lam, Q of shapes {now[0]}, {now[1]}, {now[2]}, not the "
+                    f"{tuple(t.P.shape)}, {tuple(t.lam.shape)}, {tuple(t.Q.shape)} this allocator was built for "
+                    "(keep_ranks() during training?); keep_ranks belongs after training, or build a new RankAllocator"
+                )
+            t.P, t.lam, t.Q = params["P"], params["lam"], params["Q"]
+
     def _follow_params(self) -> None:
         """Move the EMAs (and the mask) to the adapters' dtype and device after ``model.to(...)``, ``.half()`` and
         the like: the allocator's state goes where the model went, as PEFT's dicts of tensors would have to."""
@@ -219,6 +256,7 @@ class RankAllocator:
         return attach_step_hook(self, optimizer, start_step)
 
     def state_dict(self) -> dict:
+        self._follow_layers()
         self._follow_params()
         return {
             "ema_ipt": self._ema_ipt,
@@ -230,7 +268,9 @@ class RankAllocator:
             "names": [t.name for t in self.triplets],
         }
 
+    @torch.no_grad()  # the final pattern's λ zero-fill writes into the parameters in place
     def load_state_dict(self, state: dict) -> None:
+        self._follow_layers()
         names = [t.name for t in self.triplets]
         missing = {"ema_ipt", "ema_unc", "keep", "final", "names"} - set(state)
         if missing:
@@ -353,6 +393,7 @@ class RankAllocator:
         if isinstance(global_step, bool) or not hasattr(global_step, "__index__") or global_step.__index__() < 0:
             raise ValueError(f"global_step: expected an int >= 0, got {global_step!r}")
         global_step = global_step.__index__()
+        self._follow_layers()
         self.calls += 1
         self._follow_params()
         final_step = self.total_step - self.tfinal

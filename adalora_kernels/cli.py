@@ -501,11 +501,19 @@ def _check_output(parser: argparse.ArgumentParser, flag: str, path: str | None, 
         parser.error(f"{flag}: {path} is a folder, expected a file path")
     if not os.path.isdir(folder):
         parser.error(f"{flag}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        parser.error(f"{flag}: {path} is not writable")
     name_max = os.pathconf(folder, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
     if len(os.fsencode(os.path.basename(path))) > name_max:
         parser.error(f"{flag}: the file name is longer than the {name_max} bytes {folder} allows")
+    try:  # opened for real (root passes os.access anywhere, /proc and read-only mounts included); nothing written
+        if os.path.exists(path):
+            with open(path, "ab"):
+                pass
+        else:
+            with open(path, "xb"):
+                pass
+            os.remove(path)
+    except OSError as exc:
+        parser.error(f"{flag}: {path} is not writable ({exc.strerror or exc})")
     if plot:
         try:
             from matplotlib.figure import Figure

@@ -300,6 +300,7 @@ def test_bfloat16_is_refused_by_the_triton_interpreter():
         (["train", "--target-r", "9"], "--target-r: expected 0 <= target_r <= init_r (8), got 9"),
         (["bench", "--json", "/nonexistent/out.json"], "--json: folder /nonexistent does not exist"),
         (["memory", "--csv", "/"], "--csv: / is a folder, expected a file path"),
+        (["ledger", "--json", "/proc/ak.json"], "--json: /proc/ak.json is not writable"),  # root passes os.access
         (["bench", "--plot", "out.xyz"], "--plot: unknown plot format 'xyz'"),
     ],
 )
@@ -319,7 +320,10 @@ def test_cli_mistakes_are_one_line_and_exit_2(argv, message, tmp_path, monkeypat
 def test_cli_unwritable_output_fails_before_the_run(tmp_path, monkeypatch, capsys):
     from adalora_kernels import cli
 
-    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)  # as for a read-only folder (root ignores modes)
+    def refuse(*args, **kwargs):  # as a read-only mount does, whatever os.access says to root
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli, "open", refuse, raising=False)
     monkeypatch.setattr(cli, "run_bench", lambda args: pytest.fail("the run started"))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "--quick", "--json", str(tmp_path / "r.json")])
@@ -335,6 +339,11 @@ def test_cli_mistake_from_the_shell_has_no_traceback(tmp_path):
                          text=True, cwd=tmp_path, timeout=120)  # fmt: skip
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "adalora-kernels train: error: argument --lr: expected a positive finite float, got 'nan'"
+    ]
+    out = subprocess.run([sys.executable, "-m", "adalora_kernels", "export-lora", "missing", "out"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [  # before peft (and bitsandbytes' log) load
+        "adalora-kernels export-lora: path: missing has no adapter_config.json (a PEFT adapter)"
     ]
 
 

@@ -93,10 +93,10 @@ def export_lora(
     """Write the AdaLoRA adapter of ``source`` (a model, or a checkpoint folder: ours or PEFT's AdaLoRA) to the
     folder ``path`` as a PEFT LoRA adapter that plain ``PeftModel.from_pretrained(base, path)`` loads, with the
     AdaLoRA model's outputs (to fp32 rounding). Returns the folder."""
-    import peft
+    layers, fan_in_fan_out = _from_model(source) if isinstance(source, nn.Module) else _from_folder(Path(source))
+    import peft  # after the source is read: a wrong path fails before peft (and bitsandbytes) load
     from safetensors.torch import save
 
-    layers, fan_in_fan_out = _from_model(source) if isinstance(source, nn.Module) else _from_folder(Path(source))
     kept = {}
     for name, P, lam, Q, scale in layers:
         keep = lam != 0

@@ -165,7 +165,7 @@ def _fresh_peft():
     return ak.accelerate_peft(peft.get_peft_model(llama(), peft.AdaLoraConfig(**{**CFG, "total_step": 8})))
 
 
-@pytest.mark.parametrize("resume_at", [3, 6])  # budgeting with a mask taken, then the final phase
+@pytest.mark.parametrize("resume_at", [3, 6, 7])  # budgeting with a mask taken, the final phase, its pattern frozen
 def test_a_peft_trainer_run_resumes_from_its_checkpoint(tmp_path, resume_at):
     whole = _fresh_peft()
     log_whole = _trainer(whole, tmp_path / "whole", ak.AdaLoRACallback())

@@ -104,6 +104,12 @@ def test_inject_errors_and_regex():
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
     with pytest.raises(ValueError, match="already an AdaLoRALinear"):
         ak.inject_adalora(model, ["q_proj"])
+    # nn.MultiheadAttention reads out_proj.weight itself: an adapter there would never run
+    encoder = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    with pytest.raises(TypeError, match=r"self_attn\.out_proj is the output projection of an nn\.MultiheadAttention"):
+        ak.inject_adalora(encoder, ["out_proj", "linear1"])
+    assert all(p.requires_grad for p in encoder.parameters())  # refused before anything changed
+    assert ak.inject_adalora(encoder, ["linear1", "linear2"]) == ["linear1", "linear2"]
 
 
 # ------------------------------------------------------------------------------------------------ accelerate_peft

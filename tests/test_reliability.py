@@ -154,7 +154,7 @@ def _injected():
     return model
 
 
-@pytest.mark.parametrize("resume_at", [4, 5, 6, 7])  # budgeting, the final step (6 - 1 = 5 steps done), past it (frozen)
+@pytest.mark.parametrize("resume_at", [4, 5, 6, 7])  # budgeting, the final step (6 - 1 = 5 done), past it (frozen)
 def test_a_resumed_trainer_run_of_injected_layers_keeps_the_allocator_state(tmp_path, resume_at):
     steps, schedule = 8, {"target_r": 2, "tinit": 1, "tfinal": 2}
     whole = ak.AdaLoRACallback(**schedule)

@@ -57,6 +57,13 @@ def inject_adalora(
     for name, module in chosen:
         if isinstance(module, AdaLoRALinear):
             raise ValueError(f"target_modules: {name} is already an AdaLoRALinear")
+        parent_name, _, child = name.rpartition(".")
+        if child == "out_proj" and isinstance(model.get_submodule(parent_name), nn.MultiheadAttention):
+            raise TypeError(
+                f"target_modules: {name} is the output projection of an nn.MultiheadAttention, whose forward reads "
+                "its weight directly (F.multi_head_attention_forward) and never calls it: an adapter there would "
+                "never run; leave it out of target_modules"
+            )
         if quantized_kind(module):
             continue  # bitsandbytes' Linear4bit / Linear8bitLt: the adapter around the base's own forward
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):

@@ -289,3 +289,9 @@ def test_trainer_callback_with_peft_model_steps_in_order(tmp_path):
     _train(fast, tmp_path, ak.AdaLoRACallback())
     assert steps == list(range(6))
     assert fast.peft_config["default"].rank_pattern is not None
+    # attached to an optimizer as well, the callback would give two allocator steps per training step: refused
+    opt = torch.optim.SGD([p for p in fast.parameters() if p.requires_grad], lr=0.1)
+    fast.base_model.attach(opt)
+    with pytest.raises(RuntimeError, match=r"AdaLoRACallback: the model's allocator is attached to an optimizer"):
+        _train(fast, tmp_path, ak.AdaLoRACallback())
+    assert steps == list(range(6))

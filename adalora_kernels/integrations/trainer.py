@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..modules.allocator import RankAllocator
+from ..modules.allocator import RankAllocator, is_attached
 from .report import kept_by_module, rank_report
 
 log = logging.getLogger("adalora_kernels")
@@ -71,6 +71,11 @@ class AdaLoRACallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         peft_base = self._peft_base(model)
+        if peft_base is not None and is_attached(peft_base):
+            raise RuntimeError(
+                "AdaLoRACallback: the model's allocator is attached to an optimizer (model.base_model.attach), and "
+                "the callback steps it too: that is two allocator steps per training step; use one of them"
+            )
         if peft_base is not None:
             self._set_peft_total_step(peft_base, state)
             allocator = getattr(peft_base, "rankallocator", None)

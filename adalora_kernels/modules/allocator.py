@@ -85,6 +85,11 @@ def _hooked(owner, optimizer) -> bool:
     return any(isinstance(h, _StepHook) and h.owner is owner for h in hooks.values())
 
 
+def is_attached(owner) -> bool:
+    """Whether an optimizer holds a step hook of ``owner`` (``attach``) now."""
+    return any(_hooked(owner, optimizer) for optimizer in _ATTACHED.get(owner, ()))
+
+
 def attach_step_hook(owner, optimizer, start_step: int | None) -> RemovableHandle:
     """``owner.update_and_allocate`` once per real step of ``optimizer``, its step counted in ``owner.step_count``.
     A second hook (on this optimizer or another) would step the allocator twice per training step: refused while
@@ -92,15 +97,14 @@ def attach_step_hook(owner, optimizer, start_step: int | None) -> RemovableHandl
     if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
         raise ValueError(f"start_step: expected an int >= 0, got {start_step!r}")
     inner = innermost_optimizer(optimizer)
-    attached = _ATTACHED.setdefault(owner, weakref.WeakSet())
-    if any(_hooked(owner, other) for other in attached):
+    if is_attached(owner):
         raise RuntimeError(
             "attach: already attached to an optimizer, so a second hook would step the allocator twice per training "
             "step; attach once (the handle attach returned has .remove() to detach)"
         )
     if start_step is not None:
         owner.step_count = start_step
-    attached.add(inner)
+    _ATTACHED.setdefault(owner, weakref.WeakSet()).add(inner)
     return inner.register_step_post_hook(_StepHook(owner))
 
 

@@ -39,14 +39,18 @@ def train(net, batches, rank=0, world=1):
     return {"lam": [layers[0].lam.detach(), layers[2].lam.detach()], "pattern": alloc.rank_pattern}
 
 
-def _run(rank, world, port, out_path, wrap):
-    """Join the 2-rank gloo group, train ``wrap(model())``, gather every rank's result to ``out_path``."""
+def _run(rank, world, port, out_path, wrap, body=None):
+    """Join the 2-rank gloo group, train ``wrap(model())`` (or run ``body(rank, world)``), gather every rank's
+    result to ``out_path``."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # localhost only, whatever the machine's other interfaces
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
     try:
-        result = train(wrap(model()), data(), rank, world)
-        result["lam"] = [lam.full_tensor() if hasattr(lam, "full_tensor") else lam for lam in result["lam"]]
+        if body is not None:
+            result = body(rank, world)
+        else:
+            result = train(wrap(model()), data(), rank, world)
+            result["lam"] = [lam.full_tensor() if hasattr(lam, "full_tensor") else lam for lam in result["lam"]]
         gathered = [None] * world
         dist.all_gather_object(gathered, result)
         if rank == 0:
@@ -72,3 +76,21 @@ def ddp_worker(rank, world, port, out_path):
 
 def fsdp2_worker(rank, world, port, out_path):
     _run(rank, world, port, out_path, _fsdp2)
+
+
+def _allocator_before_fsdp2(rank, world):
+    """A RankAllocator built before fully_shard replaced the parameters: its first step says so."""
+    net = model()
+    alloc = ak.RankAllocator(net, target_r=2, total_step=TOTAL, tinit=1, tfinal=2, deltaT=1)
+    net = _fsdp2(net)
+    x, y = data()[0]
+    (net(x) - y).square().mean().backward()
+    try:
+        alloc.update_and_allocate(0)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
+def fsdp2_late_allocator_worker(rank, world, port, out_path):
+    _run(rank, world, port, out_path, None, body=_allocator_before_fsdp2)

@@ -63,6 +63,18 @@ def test_fsdp2_ranks_agree_with_single_process(tmp_path):
         torch.testing.assert_close(a, s, rtol=1e-5, atol=1e-6)
 
 
+def test_an_allocator_built_before_fsdp2_says_so(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
+    out, worker = tmp_path / "ranks.pt", dist_worker.fsdp2_late_allocator_worker
+    if not run_ranks(out, 60, worker) and not run_ranks(out, 60, worker):
+        pytest.fail("two attempts at the 2-rank FSDP2 run did not finish within 60 s each")
+    for rank in torch.load(out):
+        assert rank["error"] == (
+            "0: its adapter parameters were sharded (FSDP) after this allocator was built; build the RankAllocator "
+            "after wrapping the model"
+        )
+
+
 def test_deepspeed_zero3_parameters_are_refused():
     import adalora_kernels as ak
 

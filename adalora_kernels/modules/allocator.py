@@ -236,6 +236,11 @@ class RankAllocator:
                     f"{tuple(t.P.shape)}, {tuple(t.lam.shape)}, {tuple(t.Q.shape)} this allocator was built for "
                     "(keep_ranks() during training?); keep_ranks belongs after training, or build a new RankAllocator"
                 )
+            if sharded.is_sharded(params["lam"]) != self._sharded:
+                raise ValueError(
+                    f"{t.name}: its adapter parameters were {'un' if self._sharded else ''}sharded (FSDP) after this "
+                    "allocator was built; build the RankAllocator after wrapping the model"
+                )
             t.P, t.lam, t.Q = params["P"], params["lam"], params["Q"]
 
     def _follow_params(self) -> None:

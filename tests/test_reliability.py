@@ -314,6 +314,28 @@ def test_every_grad_none_raises_as_peft_does():
         alloc.update_and_allocate(3)  # (MissingGradientError: a RuntimeError too)
 
 
+def test_a_refused_step_leaves_the_allocator_as_it_was():
+    """A missing .grad on a step that goes back before the final step, after the pattern froze: refused before
+    the pattern is unfrozen or the call counted (the layers' no-allocation warning counts calls)."""
+    pm, ours, alloc = build_pair(**SCHEDULE)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(FINAL + 2):
+        fake_step(pm, ours, gen)
+        alloc.update_and_allocate(step)
+    masks = {n: m.clone() for n, m in ours.named_buffers() if n.endswith("rank_mask")}
+    state, calls = copy.deepcopy(alloc.state_dict()), alloc.calls
+    assert state["final"] and not all(m.all() for m in masks.values())
+    ours.zero_grad(set_to_none=True)
+    with pytest.raises(TypeError, match=r"has no \.grad"):
+        alloc.update_and_allocate(FINAL - 1)
+    assert alloc.calls == calls and alloc.state_dict()["final"]
+    assert all(torch.equal(m, masks[n]) for n, m in ours.named_buffers() if n.endswith("rank_mask"))
+    fresh = ak.RankAllocator(ours, target_r=2, total_step=12, tinit=2, tfinal=3, deltaT=2)
+    with pytest.raises(RuntimeError, match="no mask was ever computed"):
+        fresh.update_and_allocate(FINAL + 1)
+    assert fresh.calls == 0
+
+
 def test_the_callback_takes_total_step_from_max_steps_for_peft_models_too(tmp_path):
     fast = ak.accelerate_peft(_peft_llama())  # total_step=10 in the config
     _trainer(fast, tmp_path, ak.AdaLoRACallback(), 6).train()

@@ -335,16 +335,17 @@ class RankAllocator:
             grads.append(tuple(triple))
         return grads
 
-    def update_scores(self) -> Tensor:
-        """Update Ī and Ū from the current parameters and gradients (one fused launch); return the triplet scores."""
+    def update_scores(self, grads=None) -> Tensor:
+        """Update Ī and Ū from the current parameters and gradients (one fused launch); return the triplet scores.
+        ``grads``: the ``(dP, dλ, dQ)`` of every layer where the caller has them (``_grads()``)."""
+        grads = self._grads() if grads is None else grads
         if self._sharded:
-            scores = sharded.sensitivity_update(
-                self.triplets, self._grads(), self._ema_ipt, self._ema_unc, self.beta1, self.beta2
-            )
+            scores = sharded.sensitivity_update(self.triplets, grads, self._ema_ipt, self._ema_unc, self.beta1,
+                                                self.beta2)  # fmt: skip
             self._scored = True
             return scores
         params = [(t.P, t.lam.view(-1), t.Q) for t in self.triplets]
-        grads = [(g[0], g[1].view(-1), g[2]) for g in self._grads()]
+        grads = [(g[0], g[1].view(-1), g[2]) for g in grads]
         self._follow_params()
         scores = sensitivity_update(
             self._layout, params, grads, self._ema_ipt, self._ema_unc, self.beta1, self.beta2, self.backend
@@ -403,9 +404,23 @@ class RankAllocator:
             raise ValueError(f"global_step: expected an int >= 0, got {global_step!r}")
         global_step = global_step.__index__()
         self._follow_layers()
+        final_step = self.total_step - self.tfinal
+        # every refusal before anything changes: a failed call leaves the allocator as it was
+        grads = self._grads() if global_step < final_step else None
+        if global_step == final_step and not self._final and not self._scored and self._keep is None:
+            # zero EMAs would prune every rank; PEFT raises a KeyError there
+            raise RuntimeError(
+                f"RankAllocator.update_and_allocate: step {global_step} is the final step (total_step - tfinal), "
+                "but no sensitivity scores were ever computed and no mask taken: call update_and_allocate at "
+                "every optimizer step from step 0, or restore the allocator's state_dict when resuming a run"
+            )
+        if global_step > final_step and not self._final and self._keep is None:
+            raise RuntimeError(
+                f"RankAllocator.update_and_allocate: step {global_step} is past total_step - tfinal = "
+                f"{final_step}, but no mask was ever computed, so there is no rank pattern to apply"
+            )
         self.calls += 1
         self._follow_params()
-        final_step = self.total_step - self.tfinal
         if global_step < final_step and self._final:
             self._unfreeze_pattern()
         budget, mask_now = self.budget_schedule(global_step)
@@ -414,7 +429,7 @@ class RankAllocator:
             global_step < final_step and mask_now
         )
         if global_step < final_step:
-            scores = self.update_scores()
+            scores = self.update_scores(grads)
             if mask_now:
                 self._mask(scores, budget)
         elif repeated_final:  # the pattern stands (the EMAs were reset after it was taken): taken again
@@ -425,23 +440,12 @@ class RankAllocator:
         elif global_step == final_step:  # the last scores, without an update of the EMAs (as PEFT)
             if self._scored:
                 self._keep = threshold_keep(self.scores(), self.init_bgt - budget)
-            elif self._keep is None:  # zero EMAs would prune every rank; PEFT raises a KeyError there
-                raise RuntimeError(
-                    f"RankAllocator.update_and_allocate: step {global_step} is the final step (total_step - tfinal), "
-                    "but no sensitivity scores were ever computed and no mask taken: call update_and_allocate at "
-                    "every optimizer step from step 0, or restore the allocator's state_dict when resuming a run"
-                )
             # (scores reset since the last mask, e.g. a restored final-phase state: that mask becomes the pattern)
             self._freeze_pattern()
             self._mask_lams()
             self.reset_ipt()
         else:
             if not self._final:
-                if self._keep is None:
-                    raise RuntimeError(
-                        f"RankAllocator.update_and_allocate: step {global_step} is past total_step - tfinal = "
-                        f"{final_step}, but no mask was ever computed, so there is no rank pattern to apply"
-                    )
                 self._freeze_pattern()  # as PEFT: the last budgeting pattern becomes the final one
             self._mask_lams()  # PEFT zero-fills the pruned λ at every step of the final phase
         return budget

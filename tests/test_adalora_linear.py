@@ -145,6 +145,37 @@ def test_second_derivatives_fp64(backend, p):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_torch_func_grad_and_per_sample_vmap(backend, p):
+    """Under torch.func transforms (grad, vmap: per-sample gradients) the layer runs as ATen ops the transform
+    differentiates; autograd.Function without vmap rules, and C++ autograd, cannot run there."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = ak.AdaLoRALinear(9, 7, init_r=3, lora_dropout=p, backend=backend)
+    layer.seed = 5
+    with torch.no_grad():
+        layer.lam.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 9, generator=torch.Generator().manual_seed(1))
+    params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+
+    def loss(params, x):
+        return functional_call(layer, params, (x,)).square().sum()
+
+    def eager_grads(x):
+        layer.zero_grad()
+        loss(dict(layer.named_parameters()), x).backward()
+        return {k: v.grad for k, v in layer.named_parameters() if v.requires_grad}
+
+    for k, g in grad(loss)(params, x).items():
+        torch.testing.assert_close(g, eager_grads(x)[k])
+    if p == 0.0:  # (dropout under vmap needs torch.func's randomness= flag; its rows would be each sample's own)
+        per_sample = vmap(grad(lambda params, xi: loss(params, xi[None])), in_dims=(None, 0))(params, x)
+        for i in range(len(x)):
+            for k, g in eager_grads(x[i : i + 1]).items():
+                torch.testing.assert_close(per_sample[k][i], g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_seed_determinism(backend):
     x, w, b, P, lam, Q, _ = make_inputs((16,), 32, 8, 4, torch.float32)
     a = run(backend, x, w, b, P, lam, Q, None, 0.5, seed=7)

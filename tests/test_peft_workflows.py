@@ -166,6 +166,24 @@ def test_resize_then_regularise():
     torch.testing.assert_close(losses[1], losses[0], rtol=5e-5, atol=1e-6)
 
 
+def test_torch_func_grad_runs_peft_s_forward(monkeypatch):
+    """Under a torch.func transform the fused op cannot run (an autograd.Function without vmap rules): PEFT's own
+    forward runs, so functional_call + grad gives PEFT's gradients."""
+    from torch.func import functional_call, grad
+
+    plain, fast = _pair(llama, ["q_proj", "v_proj"])
+    calls = _fused_calls(monkeypatch)
+    ids = batch(0)["input_ids"]
+    got = []
+    for model in (plain, fast):
+        model.eval()
+        params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+        got.append(grad(lambda p, m=model: functional_call(m, p, (), {"input_ids": ids, "labels": ids}).loss)(params))
+    assert calls and not any(calls)
+    for k, g in got[0].items():
+        torch.testing.assert_close(got[1][k], g)
+
+
 def test_hooks_on_the_base_layer_fire():
     plain, fast = _pair(llama, ["q_proj", "v_proj"])
     seen = {}

@@ -46,8 +46,8 @@ class FusedSVDLinear(SVDLinear):
     def fusable(self, x: Tensor, base: nn.Module | None = None) -> str:
         """The adapter the fused op can compute for ``x``, or ``""`` when PEFT's own forward must run
         (``base``: the base layer, where the caller has it)."""
-        if self.disable_adapters or self.merged:
-            return ""
+        if self.disable_adapters or self.merged or torch._C._are_functorch_transforms_active():
+            return ""  # (torch.func transforms: PEFT's plain ATen ops, which every transform takes)
         lora_A = self.lora_A
         active = [a for a in self.active_adapters if a in lora_A]
         if len(active) != 1:  # none, or several adapters summed

@@ -395,6 +395,14 @@ def adalora_linear(
             "lora_dropout=0 for the captured part"
         )
     name = resolve_backend(backend, x.device)
+    if eager and torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vmap, jacrev, per-sample gradients): the torch backend's ATen ops, differentiated by the
+        # transform itself; an autograd.Function without vmap rules (and C++ autograd) cannot run under one
+        seed_i = int(_seed_tensor(seed)) if p > 0.0 else 0
+        x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
+        t = torch_composite.adapter_t(x2, Q, p, seed_i)
+        y2 = torch.nn.functional.linear(x2, weight, bias) + (t * effective_lam(lam, rank_mask, float(scaling))) @ P.T
+        return y2.reshape(*x.shape[:-1], weight.shape[0])
     if eager and x.device.type == "cuda" and requested(backend) == "auto":
         candidates = [b for b in runnable(x.device) if _shape_reason(b, x.device, lam.shape[0]) is None]
         if len(candidates) > 1:

@@ -336,6 +336,15 @@ def _shape_reason(name: str, device: torch.device, r: int) -> str | None:
     return check(device, r) if check is not None else None
 
 
+def adapter_by_aten(x: Tensor, P: Tensor, lam_eff: Tensor, Q: Tensor, dropout_p: float, seed: int) -> Tensor:
+    """``((drop(x) Qᵀ) ⊙ λeff) Pᵀ`` of shape ``(..., out)`` in plain ATen ops: what runs under ``torch.func``
+    transforms (grad, vmap for per-sample gradients, jacrev), which differentiate it themselves; the fused ops'
+    autograd.Function has no vmap rules, and C++ autograd cannot run under a transform at all."""
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
+    t = torch_composite.adapter_t(x2, Q, dropout_p, seed)
+    return ((t * lam_eff) @ P.T).reshape(*x.shape[:-1], P.shape[0])
+
+
 def _seed_tensor(seed: int | Tensor | None) -> Tensor:
     if seed is None:
         return torch.randint(0, 2**62, (), dtype=torch.int64)
@@ -395,14 +404,10 @@ def adalora_linear(
             "lora_dropout=0 for the captured part"
         )
     name = resolve_backend(backend, x.device)
-    if eager and torch._C._are_functorch_transforms_active():
-        # torch.func (grad, vmap, jacrev, per-sample gradients): the torch backend's ATen ops, differentiated by the
-        # transform itself; an autograd.Function without vmap rules (and C++ autograd) cannot run under one
+    if eager and torch._C._are_functorch_transforms_active():  # torch.func: grad, vmap, jacrev
         seed_i = int(_seed_tensor(seed)) if p > 0.0 else 0
-        x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
-        t = torch_composite.adapter_t(x2, Q, p, seed_i)
-        y2 = torch.nn.functional.linear(x2, weight, bias) + (t * effective_lam(lam, rank_mask, float(scaling))) @ P.T
-        return y2.reshape(*x.shape[:-1], weight.shape[0])
+        lam_eff = effective_lam(lam, rank_mask, float(scaling))
+        return torch.nn.functional.linear(x, weight, bias) + adapter_by_aten(x, P, lam_eff, Q, p, seed_i)
     if eager and x.device.type == "cuda" and requested(backend) == "auto":
         candidates = [b for b in runnable(x.device) if _shape_reason(b, x.device, lam.shape[0]) is None]
         if len(candidates) > 1:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..kernels import get_backend
 from ..reference import effective_lam
-from .adalora_linear import _check_tensor_args, _seed_tensor, differentiable_backward
+from .adalora_linear import _check_tensor_args, _seed_tensor, adapter_by_aten, differentiable_backward
 from .backend import requested, resolve_backend, runnable
 
 
@@ -126,5 +126,8 @@ def adalora_adapter(
     name = adapter_backend(backend, x.device)
     seed_t = _seed_tensor(seed) if (p > 0.0 or seed is not None) else torch.zeros((), dtype=torch.int64)
     x_a = x if x.dtype == P.dtype else x.to(P.dtype)
-    ad, _ = adapter_fwd(x_a, P, effective_lam(lam, rank_mask, float(scaling)), Q, p, seed_t, name)
+    lam_eff = effective_lam(lam, rank_mask, float(scaling))
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():  # torch.func transforms
+        return base_out + adapter_by_aten(x_a, P, lam_eff, Q, p, int(seed_t)).to(base_out.dtype)
+    ad, _ = adapter_fwd(x_a, P, lam_eff, Q, p, seed_t, name)
     return base_out + ad.to(base_out.dtype)

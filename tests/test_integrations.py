@@ -271,6 +271,11 @@ def test_trainer_callback_with_injected_model(tmp_path):
     assert allocator.rank_pattern is not None and all(sum(v) <= 4 for v in allocator.rank_pattern.values())
     budgets = [log["adalora_budget"] for log in trainer.state.log_history if "adalora_budget" in log]
     assert budgets[0] == 16 and budgets[-1] == 8  # warm-up: 4 ranks × 4 layers; then the target: 2 × 4
+    # an allocator of the model attached to an optimizer as well: two allocator steps per training step, refused
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ak.RankAllocator(model, target_r=2, total_step=6, tinit=1, tfinal=2).attach(opt)
+    with pytest.raises(RuntimeError, match=r"AdaLoRACallback: a RankAllocator of this model is attached"):
+        _train(model, tmp_path, ak.AdaLoRACallback(target_r=2, tinit=1, tfinal=2))
 
 
 def test_trainer_callback_with_peft_model_steps_in_order(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..modules.allocator import RankAllocator, is_attached
+from ..modules.allocator import RankAllocator, attached_allocators, is_attached
 from .report import kept_by_module, rank_report
 
 log = logging.getLogger("adalora_kernels")
@@ -83,6 +83,12 @@ class AdaLoRACallback(TrainerCallback):
                 self._restore(allocator, args, state)
             return
         if self.allocator is None:
+            if attached_allocators(model):
+                raise RuntimeError(
+                    "AdaLoRACallback: a RankAllocator of this model is attached to an optimizer (allocator.attach), "
+                    "and the callback builds and steps one too: that is two allocator steps per training step; use "
+                    "one of them"
+                )
             kw = dict(self.allocator_kwargs)
             kw.setdefault("total_step", state.max_steps)
             if "target_r" not in kw:

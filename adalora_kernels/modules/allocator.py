@@ -90,6 +90,13 @@ def is_attached(owner) -> bool:
     return any(_hooked(owner, optimizer) for optimizer in _ATTACHED.get(owner, ()))
 
 
+def attached_allocators(model: nn.Module) -> list:
+    """The allocators attached to an optimizer now that step layers of ``model``."""
+    layers = {id(m) for m in model.modules()}
+    return [owner for owner in list(_ATTACHED.keys()) if isinstance(owner, RankAllocator) and is_attached(owner)
+            and any(id(t.layer) in layers for t in owner.triplets)]  # fmt: skip
+
+
 def attach_step_hook(owner, optimizer, start_step: int | None) -> RemovableHandle:
     """``owner.update_and_allocate`` once per real step of ``optimizer``, its step counted in ``owner.step_count``.
     A second hook (on this optimizer or another) would step the allocator twice per training step: refused while

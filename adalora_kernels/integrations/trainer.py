@@ -71,12 +71,12 @@ class AdaLoRACallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         peft_base = self._peft_base(model)
-        if peft_base is not None and is_attached(peft_base):
-            raise RuntimeError(
-                "AdaLoRACallback: the model's allocator is attached to an optimizer (model.base_model.attach), and "
-                "the callback steps it too: that is two allocator steps per training step; use one of them"
-            )
         if peft_base is not None:
+            if is_attached(peft_base):
+                raise RuntimeError(
+                    "AdaLoRACallback: the model's allocator is attached to an optimizer (model.base_model.attach), "
+                    "and the callback steps it too: that is two allocator steps per training step; use one of them"
+                )
             self._set_peft_total_step(peft_base, state)
             allocator = getattr(peft_base, "rankallocator", None)
             if state.global_step > 0 and hasattr(allocator, "load_state_dict"):
